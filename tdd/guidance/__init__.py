@@ -1,0 +1,12 @@
+"""Guidance modes (METHODS.md section 2)."""
+
+from tdd.guidance.base import Guidance, combine
+from tdd.guidance.cfg import CFGGuidance
+from tdd.guidance.decoupled import DecoupledGuidance
+from tdd.guidance.none import NoGuidance
+from tdd.guidance.w_embed import WEmbedGuidance, guidance_embedding
+
+__all__ = [
+    "Guidance", "combine", "DecoupledGuidance", "CFGGuidance", "WEmbedGuidance", "NoGuidance",
+    "guidance_embedding",
+]

@@ -1,0 +1,40 @@
+"""Guidance-scale embedding: w is a student input (full-model LCM, Luo et al. 2023)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tdd.guidance.base import Guidance
+
+
+def guidance_embedding(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """Sinusoidal embedding of ``w * 1000`` (the timestep-embedding recipe of Ho et al. 2020)."""
+    if dim % 2:
+        raise ValueError(f"guidance.embedding_dim={dim} must be even")
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=torch.float32))
+    angles = (w.float() * 1000.0)[:, None] * freqs.to(w.device)[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class WEmbedGuidance(Guidance):
+    """``w ~ U[w_min, w_max]`` per sample, given to the student as ``timestep_cond``.
+
+    Needs a student UNet with ``time_cond_proj_dim = embedding_dim`` (``student=full`` adds one).
+    """
+
+    embeds_w = True
+
+    def __init__(
+        self, w_min: float = 3.0, w_max: float = 15.0, embedding_dim: int = 256,
+        uncond: str = "empty",
+    ):
+        super().__init__(w_min, w_max, 0.0, uncond)
+        if embedding_dim <= 0 or embedding_dim % 2:
+            raise ValueError(f"guidance.embedding_dim={embedding_dim} must be positive and even")
+        self.embedding_dim = embedding_dim
+
+    def student_condition(self, w):
+        return guidance_embedding(w, self.embedding_dim)
