@@ -67,3 +67,9 @@ class Guidance:
             f"{type(self).__name__}(w=[{self.w_min}, {self.w_max}], "
             f"empty_prompt_share={self.empty_prompt_share}, uncond={self.uncond!r})"
         )
+
+    def unconditional(self, cond, empty_conditioning):
+        """The teacher's unconditional embedding: encoded "" or zeros (``uncond`` setting)."""
+        if self.uncond == "zeros":
+            return cond.zeros_like()
+        return empty_conditioning(len(cond))

@@ -1,0 +1,66 @@
+"""Entry point: distill a student from a teacher, then write results.json.
+
+    python run.py strategy=tdd guidance=decoupled
+    python run.py -m strategy=tdd,lcm,tcd,pcm
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+import tdd.config  # noqa: F401  (registers the ${asset:...} resolver)
+from tdd.factory import build_recipe, check_paths, instantiate_group, resolve_ckpt_path
+from tdd.module import DistillationModule
+
+
+def train(cfg: DictConfig) -> dict:
+    """Distill according to ``cfg`` and return the run's results (also saved as results.json)."""
+    # Cheap objects first: a bad setting fails here, before any model is loaded.
+    recipe = build_recipe(cfg)
+    check_paths(cfg)
+    ckpt_path = resolve_ckpt_path(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    teacher = hydra.utils.instantiate(cfg.model)
+    module = DistillationModule(
+        teacher=teacher, student=recipe.student, strategy=recipe.strategy,
+        guidance=recipe.guidance, loss_fn=recipe.loss_fn, optimizer=recipe.optimizer,
+        lr_scheduler=recipe.lr_scheduler, seed=cfg.seed, **cfg.module,
+    )
+    loggers = instantiate_group(cfg.get("logger"))
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False
+    )
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    results = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "train": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "timings": {"train_seconds": time.perf_counter() - start,
+                    "global_step": trainer.global_step},
+        "checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
+    }
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    results = train(cfg)
+    return results["train"].get("train/loss")  # the sweep objective
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Config -> objects. Cheap parts are built and checked before any model is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from tdd.guidance import Guidance
+from tdd.models.teacher import check_teacher_dir
+from tdd.strategies import TargetStrategy
+
+
+@dataclass
+class Recipe:
+    """Everything a run needs besides the teacher and the data."""
+
+    strategy: TargetStrategy
+    guidance: Guidance
+    student: Any  # partial: student(unet=..., guidance_embedding_dim=...)
+    loss_fn: Any
+    optimizer: Any
+    lr_scheduler: Any
+
+
+def _instantiate(cfg: DictConfig, key: str):
+    try:
+        return hydra.utils.instantiate(cfg[key])
+    except hydra.errors.InstantiationException as error:  # surface the setting that failed
+        raise ValueError(f"config `{key}`: {error.__cause__ or error}") from error
+
+
+def build_recipe(cfg: DictConfig) -> Recipe:
+    """Instantiate and cross-check the strategy, guidance, student, loss and optimizer."""
+    recipe = Recipe(*(_instantiate(cfg, key) for key in
+                      ("strategy", "guidance", "student", "loss", "optimizer", "lr_scheduler")))
+    student_cls = getattr(recipe.student, "func", recipe.student)
+    if recipe.guidance.embeds_w and not getattr(student_cls, "supports_guidance_embedding", 0):
+        raise ValueError(
+            f"guidance={type(recipe.guidance).__name__} feeds w to the student as timestep_cond, "
+            f"which needs a guidance projection (time_cond_proj_dim) that "
+            f"{student_cls.__name__} cannot add: use student=full"
+        )
+    return recipe
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Fail before heavy work when a local model path is missing."""
+    if "path" in cfg.model:
+        check_teacher_dir(OmegaConf.select(cfg, "model.path", default=None), "model.path")
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path=last`` means ``<output_dir>/checkpoints/last.ckpt``; other paths must exist."""
+    if cfg.ckpt_path in (None, ""):
+        return None
+    path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    path = path if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no checkpoint at {path}")
+    return str(path)
+
+
+def instantiate_group(cfg: DictConfig | None) -> list:
+    """Instantiate every entry of a name -> config mapping (callbacks, loggers)."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(entry) for entry in cfg.values() if entry is not None]

@@ -1,0 +1,157 @@
+"""The distillation LightningModule: one training step shared by every strategy and guidance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+
+from tdd.guidance import Guidance, combine
+from tdd.models.conditioning import Conditioning
+from tdd.models.students import Student
+from tdd.models.teacher import Teacher
+from tdd.prediction import ddim_map, to_x0_eps
+from tdd.schedule import NoiseSchedule
+from tdd.strategies import TargetStrategy
+
+
+class DistillationModule(L.LightningModule):
+    """Consistency distillation of ``teacher`` into a student (METHODS.md section 0).
+
+    Random draws, all from ``self.generator`` in this order: source index i, target timestep s,
+    empty-prompt mask, guidance scale w, VAE latent sample, forward noise.
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        student: Callable[..., Student],
+        strategy: TargetStrategy,
+        guidance: Guidance,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable | None = None,
+        seed: int = 0,
+        loss_buckets: int = 4,
+    ):
+        super().__init__()
+        self.schedule = NoiseSchedule.from_config(teacher.scheduler_config)
+        if self.schedule.num_train_timesteps != strategy.grid.num_train_timesteps:
+            raise ValueError(
+                f"strategy.num_train_timesteps={strategy.grid.num_train_timesteps} differs from "
+                f"the teacher scheduler's {self.schedule.num_train_timesteps}"
+            )
+        embedding_dim = getattr(guidance, "embedding_dim", None) if guidance.embeds_w else None
+        self.student = student(unet=teacher.unet, guidance_embedding_dim=embedding_dim)
+        self.vae, self.text = teacher.vae, teacher.text
+        self.teacher_info = teacher
+        self.strategy, self.guidance, self.loss_fn = strategy, guidance, loss_fn
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.generator = torch.Generator().manual_seed(seed)
+        self.loss_buckets = loss_buckets
+        self.strict_loading = False  # checkpoints hold trainable state only
+        self._empty: Conditioning | None = None
+
+    # -- the algorithm -------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        g, grid = self.generator, self.strategy.grid
+        # 1. source index i, t = grid[i], t_prev = max(t - k, 0); the strategy's target s
+        i = grid.sample_index(len(batch["caption"]), g)
+        t, t_prev, s = grid[i], grid.previous(i), self.strategy.sample(i, generator=g)
+        t, t_prev, s = t.to(self.device), t_prev.to(self.device), s.to(self.device)
+        cond, w = self.encode_prompts(batch["caption"])
+        # 2. x_t = a_t * x0 + s_t * noise
+        x0 = self.encode_images(batch["pixel_values"])
+        x_t = self.schedule.add_noise(x0, self.randn_like(x0), t)
+        # 3. guided teacher (cond + uncond in one call), one DDIM step to t_prev
+        x_prev = self.teacher_step(x_t, t, t_prev, cond, w)
+        # 4. student at (x_t, t) with gradient; target at (x_prev, t_prev) without
+        w_cond = self.guidance.student_condition(w.to(self.device))
+        pred = self.predict(self.student.online, x_t, t, cond, w_cond)
+        with torch.no_grad():
+            target = self.predict(self.student.target, x_prev, t_prev, cond, w_cond)
+        # 5. both mapped to s; per-sample loss
+        pred_s = self.strategy.project(x_t, t, *pred, s, self.schedule)
+        target_s = self.strategy.project_target(x_prev, t_prev, *target, s, self.schedule)
+        loss = self.loss_fn(pred_s, target_s)
+        self.log_loss(loss, t)
+        return loss.mean()
+
+    # -- the pieces it calls ---------------------------------------------------------------------
+    def encode_prompts(self, captions: list[str]) -> tuple[Conditioning, torch.Tensor]:
+        """Drop a share of captions to "" and encode; draw the teacher's guidance scale w."""
+        captions = self.guidance.drop_captions(list(captions), self.generator)
+        w = self.guidance.sample_w(len(captions), self.generator)
+        return self.text(captions), w
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """VAE latent sample times the scaling factor (the teacher's x0)."""
+        posterior = self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
+        latents = posterior.mean + posterior.std * self.randn_like(posterior.mean)
+        return latents * self.teacher_info.scaling_factor
+
+    @torch.no_grad()
+    def teacher_step(self, x_t, t, t_prev, cond: Conditioning, w) -> torch.Tensor:
+        """``x_prev``: DDIM step to t_prev along ``p_c + w (p_c - p_u)`` for x0 and eps."""
+        if not self.guidance.uses_uncond:
+            x0, eps = self.predict(self.student.teacher, x_t, t, cond)
+            return ddim_map(x0, eps, t_prev, self.schedule)
+        uncond = self.guidance.unconditional(cond, self.empty_conditioning)
+        x0, eps = self.predict(self.student.teacher, x_t.repeat(2, 1, 1, 1), t.repeat(2),
+                               cond.cat(uncond))
+        (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
+        w = w.to(self.device)
+        return ddim_map(combine(x0_c, x0_u, w), combine(eps_c, eps_u, w), t_prev, self.schedule)
+
+    def predict(self, network, x, t, cond: Conditioning, *timestep_cond):
+        """Run ``network`` and convert its output to (x0, eps) at (x, t)."""
+        output = network(x, t, cond, *timestep_cond)
+        alpha, sigma = self.schedule.coefficients(t, x)
+        return to_x0_eps(output.to(x.dtype), x, alpha, sigma, self.teacher_info.prediction_type)
+
+    def empty_conditioning(self, batch_size: int) -> Conditioning:
+        """The encoded empty prompt, computed once (the text encoder is frozen)."""
+        if self._empty is None or self._empty.hidden.device != self.device:
+            self._empty = self.text([""])
+        added = {k: v.expand(batch_size, *v.shape[1:]) for k, v in self._empty.added.items()}
+        return Conditioning(self._empty.hidden.expand(batch_size, -1, -1), added)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise from the module's generator (on CPU, so CPU and GPU agree)."""
+        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
+
+    def log_loss(self, loss: torch.Tensor, t: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"non-finite distillation loss at step {self.global_step}: stopping; the last "
+                "saved checkpoint is the last good one"
+            )
+        batch = len(loss)
+        self.log("train/loss", loss.mean(), prog_bar=True, batch_size=batch)
+        size = self.schedule.num_train_timesteps / self.loss_buckets
+        bucket = (t.float() / size).floor().long()
+        for b in bucket.unique().tolist():
+            name = f"train/loss_t{int(b * size)}-{int((b + 1) * size) - 1}"
+            self.log(name, loss[bucket == b].mean(), batch_size=int((bucket == b).sum()))
+
+    # -- Lightning plumbing ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=list(self.student.trainable_parameters()))
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.student.update_target()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = self.student.trainable_state_dict()
+        checkpoint["state_dict"] = {f"student.{k}": v for k, v in state.items()}
+        checkpoint["generator_state"] = self.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "generator_state" in checkpoint:
+            self.generator.set_state(checkpoint["generator_state"])
