@@ -52,6 +52,8 @@ class DistillationModule(L.LightningModule):
         self.loss_buckets = loss_buckets
         self.strict_loading = False  # checkpoints hold trainable state only
         self._empty: Conditioning | None = None
+        self._bucket_sums = torch.zeros(loss_buckets, dtype=torch.float64)
+        self._bucket_counts = torch.zeros(loss_buckets, dtype=torch.float64)
 
     # -- the algorithm -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -123,18 +125,23 @@ class DistillationModule(L.LightningModule):
         return torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
 
     def log_loss(self, loss: torch.Tensor, t: torch.Tensor) -> None:
+        """Log the mean loss every step and, per timestep bucket, the mean over the log interval."""
         if not torch.isfinite(loss).all():
             raise FloatingPointError(
                 f"non-finite distillation loss at step {self.global_step}: stopping; the last "
                 "saved checkpoint is the last good one"
             )
-        batch = len(loss)
-        self.log("train/loss", loss.mean(), prog_bar=True, batch_size=batch)
-        size = self.schedule.num_train_timesteps / self.loss_buckets
-        bucket = (t.float() / size).floor().long()
-        for b in bucket.unique().tolist():
-            name = f"train/loss_t{int(b * size)}-{int((b + 1) * size) - 1}"
-            self.log(name, loss[bucket == b].mean(), batch_size=int((bucket == b).sum()))
+        self.log("train/loss", loss.mean(), prog_bar=True, batch_size=len(loss))
+        bucket = (t * self.loss_buckets // self.schedule.num_train_timesteps).cpu()
+        self._bucket_sums.index_add_(0, bucket, loss.detach().double().cpu())
+        self._bucket_counts.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float64))
+        interval = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        if (self.global_step + 1) % max(interval, 1) == 0:
+            width = self.schedule.num_train_timesteps // self.loss_buckets
+            means = self._bucket_sums / self._bucket_counts  # NaN for an empty bucket
+            self.log_dict({f"train/loss_t{b * width}-{(b + 1) * width - 1}": float(m)
+                           for b, m in enumerate(means)}, batch_size=len(loss))
+            self._bucket_sums.zero_(), self._bucket_counts.zero_()
 
     # -- Lightning plumbing ----------------------------------------------------------------------
     def configure_optimizers(self):

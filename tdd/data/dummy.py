@@ -6,6 +6,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tdd.data.samplers import EpochShuffleSampler
+
 CAPTIONS = (
     "a large red striped circle at the top left on a black background",
     "a small blue square in the center on a white background",
@@ -43,8 +45,7 @@ class DummyDataModule(L.LightningDataModule):
         self.dataset = DummyImages(size, resolution, seed)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.dataset.seed)
         return DataLoader(
-            self.dataset, batch_size=self.batch_size, shuffle=True, generator=generator,
-            num_workers=self.num_workers, drop_last=True,
+            self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+            sampler=EpochShuffleSampler(len(self.dataset), self.dataset.seed), drop_last=True,
         )
