@@ -1,0 +1,5 @@
+"""Diffusers-compatible schedulers shipped with the framework."""
+
+from tdd.schedulers.tdd_scheduler import TDDScheduler, TDDSchedulerOutput
+
+__all__ = ["TDDScheduler", "TDDSchedulerOutput"]
