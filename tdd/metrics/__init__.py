@@ -1,0 +1,16 @@
+"""Evaluation metrics: FID, CLIP score, aesthetic score, sampling cost (DESIGN "Metrics")."""
+
+from tdd.metrics.aesthetic import AestheticPredictor, AestheticScorer
+from tdd.metrics.clip_model import CLIPImageFeatures, clip_config_name, clip_preprocess, load_clip
+from tdd.metrics.clip_score import CLIPScorer, clip_score
+from tdd.metrics.fid import FIDScorer, InceptionFeatures
+from tdd.metrics.files import require_file
+from tdd.metrics.suite import MetricSuite, NoMetrics, fid_key, real_metrics
+from tdd.metrics.timing import SamplingCost, Stopwatch
+
+__all__ = [
+    "AestheticPredictor", "AestheticScorer", "CLIPImageFeatures", "CLIPScorer", "FIDScorer",
+    "InceptionFeatures", "MetricSuite", "NoMetrics", "SamplingCost", "Stopwatch",
+    "clip_config_name", "clip_preprocess", "clip_score", "fid_key", "load_clip", "real_metrics",
+    "require_file",
+]
