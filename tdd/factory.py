@@ -49,8 +49,9 @@ def build_recipe(cfg: DictConfig) -> Recipe:
 
 def check_paths(cfg: DictConfig) -> None:
     """Fail before heavy work when a local model path is missing."""
-    if "path" in cfg.model:
-        check_teacher_dir(OmegaConf.select(cfg, "model.path", default=None), "model.path")
+    if "path" in cfg.model.keys():  # `in` alone skips a missing (???) value
+        path = None if OmegaConf.is_missing(cfg.model, "path") else cfg.model.path
+        check_teacher_dir(path, "model.path")
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:

@@ -125,7 +125,7 @@ class DistillationModule(L.LightningModule):
         return torch.randn(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
 
     def log_loss(self, loss: torch.Tensor, t: torch.Tensor) -> None:
-        """Log the mean loss every step and, per timestep bucket, the mean over the log interval."""
+        """Log the loss every step, and per timestep bucket its mean over the log interval."""
         if not torch.isfinite(loss).all():
             raise FloatingPointError(
                 f"non-finite distillation loss at step {self.global_step}: stopping; the last "
@@ -149,7 +149,8 @@ class DistillationModule(L.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedule = {"scheduler": scheduler, "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.student.update_target()
@@ -160,5 +161,9 @@ class DistillationModule(L.LightningModule):
         checkpoint["generator_state"] = self.generator.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        unknown = set(checkpoint["state_dict"]) - set(self.state_dict())
+        if unknown:
+            raise KeyError(f"checkpoint holds {len(unknown)} tensors this model lacks, e.g. "
+                           f"{sorted(unknown)[:3]}: was it written by another student config?")
         if "generator_state" in checkpoint:
             self.generator.set_state(checkpoint["generator_state"])

@@ -16,7 +16,7 @@ def to_x0_eps(
     sigma: torch.Tensor,
     prediction_type: str = "epsilon",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Convert an epsilon / v / sample prediction at ``x_t = a*x0 + s*eps`` to (x0, eps)."""
+    """Convert an epsilon / v / sample prediction at ``x_t = a x0 + s eps`` to (x0, eps)."""
     if prediction_type == "epsilon":
         eps = output
         x0 = (x_t - sigma * eps) / alpha
@@ -27,7 +27,8 @@ def to_x0_eps(
         x0 = output
         eps = (x_t - alpha * x0) / sigma
     else:
-        raise ValueError(f"prediction_type={prediction_type!r}; expected one of {PREDICTION_TYPES}")
+        expected = ", ".join(PREDICTION_TYPES)
+        raise ValueError(f"prediction_type={prediction_type!r}; expected one of {expected}")
     return x0, eps
 
 
@@ -46,7 +47,7 @@ def renoise(
     schedule: NoiseSchedule,
     noise: torch.Tensor,
 ) -> torch.Tensor:
-    """Forward-diffuse from s to t >= s: ``sqrt(abar_t/abar_s) x_s + sqrt(1 - abar_t/abar_s) z``."""
+    """Forward-diffuse s -> t >= s: ``sqrt(abar_t/abar_s) x_s + sqrt(1 - abar_t/abar_s) z``."""
     abar = schedule.alphas_cumprod.to(x_s.device)
     ratio = (abar[t.long()] / abar[s.long()]).reshape(-1, *([1] * (x_s.ndim - 1))).to(x_s)
     return ratio.sqrt() * x_s + (1 - ratio).sqrt() * noise

@@ -42,6 +42,7 @@ class Student(nn.Module):
         return (p for p in self.unet.parameters() if p.requires_grad)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps, keyed like ``self.state_dict()``."""
         raise NotImplementedError
 
     def update_target(self) -> None:
@@ -97,7 +98,7 @@ class LoRAStudent(Student):
         return self.online(x, t, conditioning, timestep_cond)
 
     def trainable_state_dict(self):
-        return {k: v for k, v in self.unet.state_dict().items() if "lora_" in k}
+        return {k: v for k, v in self.state_dict().items() if "lora_" in k}
 
 
 class FullStudent(Student):
@@ -147,7 +148,4 @@ class FullStudent(Student):
                 ema.lerp_(online, 1.0 - self.ema_decay)
 
     def trainable_state_dict(self):
-        state = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
-        if self.ema is not None:
-            state.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
-        return state
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher_unet.")}

@@ -45,7 +45,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 def check_teacher_dir(path: str | Path | None, setting: str = "model.path") -> Path:
     """Fail early, naming the setting, when a teacher directory is missing or incomplete."""
     if path in (None, "", "???"):
-        raise ValueError(f"{setting} is not set: give the local diffusers directory of the teacher")
+        raise ValueError(f"{setting} is not set: give the teacher's local diffusers directory")
     root = Path(path).expanduser()
     missing = [p for p in ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
                if not (root / p).is_dir()]

@@ -12,5 +12,6 @@ class TCDTarget(TargetStrategy):
 
     def sample(self, source_index, generator=None):
         index = self._check_index(source_index)
-        m = (torch.rand(index.shape, generator=generator, dtype=torch.float64) * (index + 1)).long()
+        u = torch.rand(index.shape, generator=generator, dtype=torch.float64)
+        m = (u * (index + 1)).long()
         return (self.grid[m] - self.grid.skip).clamp(min=0)

@@ -1,0 +1,151 @@
+"""Every config option is instantiated; every strategy x guidance x student runs fast_dev_run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from run import train
+from tdd.factory import build_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+STRATEGIES = ["tdd", "lcm", "tcd", "pcm"]
+GUIDANCES = ["decoupled", "cfg", "w_embed", "none"]
+STUDENTS = ["lora", "full"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["strategy", "guidance", "loss"])
+def test_every_option_instantiates(make_cfg, group):
+    for option in options(group):
+        obj = hydra.utils.instantiate(make_cfg(f"{group}={option}")[group])
+        assert obj.__class__.__module__.startswith("tdd.")
+
+
+def test_every_student_data_trainer_callback_and_logger_instantiates(make_cfg, tiny_teacher):
+    for option in options("student"):
+        student = hydra.utils.instantiate(make_cfg(f"student={option}").student)
+        assert student(unet=tiny_teacher.unet).trainable_state_dict()
+    for option in options("data"):
+        batch = next(iter(hydra.utils.instantiate(make_cfg(f"data={option}").data)
+                          .train_dataloader()))
+        assert batch["pixel_values"].shape[1:] == (3, 32, 32) and len(batch["caption"])
+    for option in options("trainer"):
+        # GPU trainers are checked on CPU: only the device settings are swapped
+        cpu = [] if torch.cuda.is_available() or "gpu" not in (CONF / "trainer" / f"{option}.yaml"
+               ).read_text() else ["trainer.accelerator=cpu", "trainer.devices=1",
+                                   "trainer.precision=32-true"]
+        cfg = make_cfg(f"trainer={option}", *cpu)
+        assert isinstance(hydra.utils.instantiate(cfg.trainer, logger=False), L.Trainer)
+    for group in ("callbacks", "logger"):
+        for option in options(group):
+            cfg = make_cfg(f"{group}={option}")
+            for entry in (cfg[group] or {}).values():
+                assert hydra.utils.instantiate(entry) is not None
+
+
+def test_model_options(make_cfg):
+    assert hydra.utils.instantiate(make_cfg("model=tiny").model).resolution == 32
+    for option in ("sd15", "sdxl"):
+        with pytest.raises(ValueError, match="model.path is not set"):
+            train(make_cfg(f"model={option}", "debug=fdr"))
+
+
+@pytest.mark.parametrize("student", STUDENTS)
+@pytest.mark.parametrize("guidance", GUIDANCES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fast_dev_run(make_cfg, strategy, guidance, student):
+    cfg = make_cfg(f"strategy={strategy}", f"guidance={guidance}", f"student={student}",
+                   "debug=fdr", "data.batch_size=2")
+    if guidance == "w_embed" and student == "lora":
+        with pytest.raises(ValueError, match="student=full"):
+            train(cfg)
+        return
+    results = train(cfg)
+    assert torch.isfinite(torch.tensor(results["train"]["train/loss"]))
+    assert (Path(cfg.paths.output_dir) / "results.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "override, setting",
+    [
+        ("strategy.k_min=9", "k_min"),
+        ("strategy.eta_max=1.5", "eta_max"),
+        ("strategy.window=-1", "window"),
+        ("strategy=pcm strategy.num_phases=60", "num_phases"),
+        ("guidance.empty_prompt_share=2", "empty_prompt_share"),
+        ("ckpt_path=/nowhere.ckpt", "ckpt_path"),
+    ],
+)
+def test_bad_settings_fail_before_any_model_loads(make_cfg, monkeypatch, override, setting):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the config was checked")
+
+    monkeypatch.setattr("tdd.models.tiny.build_tiny", must_not_load)
+    with pytest.raises((ValueError, FileNotFoundError), match=setting):
+        train(make_cfg(*override.split(), "debug=fdr"))
+
+
+def test_unknown_option_names_the_group(make_cfg):
+    with pytest.raises(ConfigCompositionException, match="strategy"):
+        make_cfg("strategy=dmd")
+
+
+def test_lora_with_w_embed_is_a_config_error(make_cfg):
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        build_recipe(make_cfg("guidance=w_embed", "student=lora"))
+
+
+def test_resume_continues_the_same_run(make_cfg, tmp_path):
+    """Stop after 2 steps, resume to 4: the same weights as 4 uninterrupted steps."""
+    common = ["trainer=cpu", "logger=none", "data.size=8", "data.batch_size=4",
+              "callbacks.checkpoint.every_n_train_steps=2", "student.rank=4", "student.alpha=4",
+              "strategy=tcd", "trainer.deterministic=true"]
+    straight = make_cfg(*common, "trainer.max_steps=4")
+    train(straight)
+    first = make_cfg(*common, "trainer.max_steps=2")
+    first.paths.output_dir = str(tmp_path / "resumed")
+    train(first)
+    second = make_cfg(*common, "trainer.max_steps=4", "ckpt_path=last")
+    second.paths.output_dir = str(tmp_path / "resumed")
+    train(second)
+
+    def weights(cfg):
+        path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        return torch.load(path, weights_only=False)["state_dict"]
+
+    a, b = weights(straight), weights(second)
+    assert a.keys() == b.keys() and all("lora_" in k for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
+def test_multirun_sweeps_every_strategy(tmp_path):
+    command = [sys.executable, "run.py", "-m", "strategy=tdd,lcm,tcd,pcm", "debug=fdr",
+               "data.batch_size=2", f"hydra.sweep.dir={tmp_path}"]
+    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = sorted(tmp_path.glob("*/results.json"))
+    targets = {json.loads(p.read_text())["config"]["strategy"]["_target_"] for p in results}
+    assert len(results) == 4 and len(targets) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_smoke_run(make_cfg, experiment):
+    """Each published recipe composes and runs one step on the tiny teacher."""
+    cfg = make_cfg(f"experiment={experiment}", "model=tiny", "debug=fdr", "data.batch_size=2",
+                   "trainer.precision=32-true")
+    assert torch.isfinite(torch.tensor(train(cfg)["train"]["train/loss"]))
