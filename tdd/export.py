@@ -1,0 +1,135 @@
+"""Export a LoRA student so that stock tools load it unchanged.
+
+``fmt="diffusers"``: ``pytorch_lora_weights.safetensors`` as written by diffusers'
+``save_lora_weights`` (PEFT key names, ``unet.`` prefix), which
+``pipe.load_lora_weights(directory)`` reads. The adapter's
+``LoraConfig`` travels in the file's metadata, so loading restores ``lora_alpha`` and with it the
+scale alpha / rank (the TDD SDXL recipe trains rank 64 with alpha 8: a loader that assumed
+alpha = rank would apply the LoRA 8 times too strongly).
+``fmt="kohya"``: ``tdd_lora_kohya.safetensors`` in the kohya / A1111 / ComfyUI layout, with the
+trained alpha in every ``.alpha`` key (diffusers' converter writes alpha = rank there).
+Next to the weights a small JSON records rank, alpha, scale and target modules.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ADAPTER = "default"
+WEIGHT_NAMES = {
+    "diffusers": "pytorch_lora_weights.safetensors",
+    "kohya": "tdd_lora_kohya.safetensors",
+}
+
+
+def lora_unet(student: nn.Module) -> nn.Module:
+    """The UNet carrying the peft adapter of a LoRA student (or the UNet itself)."""
+    unet = getattr(student, "unet", student)
+    if ADAPTER not in (getattr(unet, "peft_config", None) or {}):
+        raise ValueError(
+            "export_lora needs a UNet with a peft LoRA adapter (student=lora); "
+            f"{type(student).__name__} has none"
+        )
+    return unet
+
+
+def lora_record(unet: nn.Module, fmt: str, weight_name: str) -> dict:
+    """What the JSON next to the weights says about the adapter."""
+    config = unet.peft_config[ADAPTER]
+    return {
+        "format": fmt,
+        "weight_name": weight_name,
+        "rank": config.r,
+        "alpha": config.lora_alpha,
+        "scale": config.lora_alpha / config.r,
+        "target_modules": sorted(config.target_modules),
+    }
+
+
+def _peft_state(unet: nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _save_diffusers(unet: nn.Module, path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    # PEFT key names (lora_A / lora_B), which load_lora_weights reads natively. diffusers'
+    # convert_state_dict_to_diffusers renames only the attention projections, so on the
+    # resnet / conv targets of METHODS.md it writes a mixed file whose attention LoRA the
+    # loader then silently drops.
+    StableDiffusionPipeline.save_lora_weights(
+        path.parent, unet_lora_layers=_peft_state(unet),
+        weight_name=path.name, safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
+    )
+
+
+def _save_kohya(unet: nn.Module, path: Path) -> None:
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    config = unet.peft_config[ADAPTER]
+    if config.rank_pattern or config.alpha_pattern:
+        raise ValueError("kohya export supports one rank and alpha for all modules")
+    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in _peft_state(unet).items()})
+    alpha = torch.tensor(float(config.lora_alpha))
+    state = {k: (alpha.clone() if k.endswith(".alpha") else v) for k, v in state.items()}
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+                "ss_network_alpha": str(config.lora_alpha)}
+    save_file(state, str(path), metadata=metadata)
+
+
+def export_lora(student: nn.Module, directory: str | Path, fmt: str = "diffusers") -> Path:
+    """Write the student's LoRA to ``directory`` in ``fmt``; returns the weights file."""
+    if fmt not in WEIGHT_NAMES:
+        raise ValueError(f"export format {fmt!r}; expected one of {sorted(WEIGHT_NAMES)}")
+    unet = lora_unet(student)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / WEIGHT_NAMES[fmt]
+    (_save_diffusers if fmt == "diffusers" else _save_kohya)(unet, path)
+    record = lora_record(unet, fmt, path.name)
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def load_trainable_state(
+    student: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = "student."
+) -> None:
+    """Load the LoRA weights of a training checkpoint's state dict into ``student``.
+
+    Checkpoints hold only trainable state, keyed ``<prefix>unet.<module>.lora_A.default.weight``;
+    every LoRA parameter of the student must be present.
+    """
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and "lora_" in k}
+    expected = {k for k in student.state_dict() if "lora_" in k}
+    missing = sorted(expected - own.keys())
+    if missing or not expected:
+        raise ValueError(
+            f"checkpoint lacks {len(missing)} of the student's {len(expected)} LoRA weights "
+            f"under prefix {prefix!r} (first: {missing[:3]}); rank/alpha or targets differ?"
+        )
+    student.load_state_dict(own, strict=False)
+
+
+def export_lora_from_checkpoint(
+    checkpoint: str | Path,
+    student: nn.Module,
+    directory: str | Path,
+    fmt: str = "diffusers",
+    prefix: str = "student.",
+) -> Path:
+    """Export the LoRA stored in a training checkpoint through a freshly built ``student``
+    (same rank, alpha and target modules as the run). The checkpoint is unpickled in full:
+    load only checkpoints of runs you trust."""
+    data = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    load_trainable_state(student, data.get("state_dict", data), prefix)
+    return export_lora(student, directory, fmt)
