@@ -1,5 +1,5 @@
 """CLIP score on a tiny trained open_clip model, InceptionV3 from a local file, the metric suite
-and every conf/metrics option."""
+and every conf/metrics option (none, real, toy)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf.errors import MissingMandatoryValue
+from safetensors.torch import save_file
 from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
 
 import tdd.metrics.suite as suite_module
+import tdd.toy.evaluator as toy_evaluator
+from tdd.config import asset_path
+from tdd.data.shapes import eval_scenes, reference_renders
 from tdd.metrics import (
     AestheticPredictor,
     AestheticScorer,
@@ -239,7 +243,7 @@ def real_overrides(tmp_path, tiny_clip_files, inception_file) -> dict[str, str]:
 
 
 def test_every_metrics_config_is_tested():
-    assert {p.stem for p in (CONF / "metrics").glob("*.yaml")} == {"none", "real"}
+    assert {p.stem for p in (CONF / "metrics").glob("*.yaml")} == {"none", "real", "toy"}
 
 
 def test_config_none():
@@ -283,4 +287,52 @@ def test_config_real_unset_path_names_the_setting(tmp_path, tiny_clip_files, inc
     del settings["fid_weights"]
     cfg = compose_metrics("real", [f"metrics.{k}={v}" for k, v in settings.items()])
     with pytest.raises(MissingMandatoryValue, match=r"metrics\.fid_weights"):
+        instantiate(cfg.metrics)
+
+
+@pytest.fixture(scope="module")
+def toy_evaluator_folder(tmp_path_factory) -> Path:
+    """An untrained toy evaluator written exactly as the builder writes the shipped one."""
+    folder = tmp_path_factory.mktemp("toy_evaluator")
+    config = toy_evaluator.open_clip_config()
+    torch.manual_seed(0)
+    model, _ = toy_evaluator.create_clip(config)
+    head = toy_evaluator.detail_head(config["model_cfg"]["embed_dim"])
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()},
+              folder / toy_evaluator.CHECKPOINT)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()},
+              folder / toy_evaluator.DETAIL_HEAD)
+    return folder
+
+
+def test_config_toy_matches_the_toy_evaluator(toy_evaluator_folder, monkeypatch):
+    no_downloads(monkeypatch)
+    cfg = compose_metrics("toy", [f"metrics.evaluator={toy_evaluator_folder}"])
+    suite = instantiate(cfg.metrics)
+    evaluator = toy_evaluator.load_toy_evaluator(toy_evaluator_folder)
+    specs, _ = eval_scenes("val", 16)
+    prompts = [spec.caption for spec in specs]
+    real = reference_renders("val", 16)
+    fake = reference_renders("val", 16, variant=1)
+    suite.set_reference("real", real)
+    out = suite.score(fake, prompts)
+    assert set(out) == {"fid", "clip", "aesthetic", "attribute_acc"}
+    independent = toy_evaluator.frechet_distance(
+        evaluator.image_features(fake, normalize=False), evaluator.image_features(real, False)
+    )
+    assert out["fid"] == pytest.approx(independent, rel=1e-3)
+    clip = evaluator.clip_score(fake, prompts).clamp(min=0).mean()
+    assert out["clip"] == pytest.approx(float(clip), abs=1e-3)
+    assert out["aesthetic"] == pytest.approx(float(evaluator.detail_score(fake).mean()), abs=1e-5)
+    shared = suite.scorers["attribute_acc"].evaluator  # same text cache: no second encoding
+    accuracy = shared.attribute_accuracy(fake, specs)["mean"]
+    assert out["attribute_acc"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_config_toy_missing_evaluator_names_the_setting(tmp_path):
+    default = compose_metrics("toy", []).metrics.evaluator
+    assert Path(default) == Path(asset_path("toy/evaluator"))
+    cfg = compose_metrics("toy", [f"metrics.evaluator={tmp_path}"])
+    with pytest.raises(InstantiationException, match=r"metrics\.evaluator: file not found"):
         instantiate(cfg.metrics)

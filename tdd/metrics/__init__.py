@@ -1,4 +1,9 @@
-"""Evaluation metrics: FID, CLIP score, aesthetic score, sampling cost (DESIGN "Metrics")."""
+"""Evaluation metrics: FID, CLIP score, aesthetic score, sampling cost (DESIGN "Metrics").
+
+Suites for ``conf/metrics``: ``NoMetrics`` (none), ``real_metrics`` (real) and
+``tdd.metrics.toy.toy_metrics`` (toy; kept out of this namespace so that importing the metrics
+does not import the toy world).
+"""
 
 from tdd.metrics.aesthetic import AestheticPredictor, AestheticScorer
 from tdd.metrics.clip_model import CLIPImageFeatures, clip_config_name, clip_preprocess, load_clip

@@ -51,22 +51,29 @@ class AestheticPredictor(nn.Module):
 
 
 class AestheticScorer(nn.Module):
-    """Per-image aesthetic score of images in [0, 1]: encoder -> L2-normalise -> head.
+    """Per-image score of images in [0, 1]: encoder -> L2-normalise -> head.
 
     ``encoder`` maps images to embeddings (``CLIPImageFeatures`` of a CLIP ViT-L/14 for the LAION
-    head); prompts are accepted and ignored, so it scores like every other per-image metric.
+    head); prompts are accepted and ignored, so it scores like every other per-image metric. Any
+    head mapping (N, D) -> (N,) or (N, 1) fits: the toy detail head takes raw embeddings
+    (``normalize=False``).
     """
 
-    def __init__(self, encoder: nn.Module, head: AestheticPredictor, batch_size: int = 32):
+    def __init__(
+        self, encoder: nn.Module, head: nn.Module, batch_size: int = 32, normalize: bool = True
+    ):
         super().__init__()
         self.encoder = encoder.eval()
         self.head = head.eval()
         self.batch_size = batch_size
+        self.normalize = normalize
 
     @torch.no_grad()
     def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
         scores = []
         for chunk in images.split(self.batch_size):
-            embeddings = F.normalize(self.encoder(chunk).float(), dim=-1)
-            scores.append(self.head(embeddings.to(self.head.layers[0].weight.dtype)))
+            embeddings = self.encoder(chunk).float()
+            if self.normalize:
+                embeddings = F.normalize(embeddings, dim=-1)
+            scores.append(self.head(embeddings).reshape(len(chunk)))
         return torch.cat(scores).float()

@@ -48,6 +48,21 @@ def load_clip(
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(name)
 
 
+def load_clip_folder(folder: str | Path, setting: str) -> tuple[nn.Module, Tokenizer]:
+    """A frozen open_clip model from a folder in open_clip's ``local-dir`` layout.
+
+    The folder holds ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``) and the
+    weights (``open_clip_model.safetensors`` or another checkpoint name open_clip looks for).
+    """
+    root = Path(str(folder)).expanduser()
+    require_file(root / "open_clip_config.json", setting)
+    if not any(root.glob(pattern) for pattern in ("*.safetensors", "*.bin", "*.pth")):
+        raise FileNotFoundError(f"{setting}: no open_clip checkpoint in {root}")
+    name = f"local-dir:{root}"
+    model = open_clip.create_model(name, pretrained_text=False)
+    return model.eval().requires_grad_(False), open_clip.get_tokenizer(name)
+
+
 def clip_preprocess(
     images: Tensor,
     size: tuple[int, int],
