@@ -379,3 +379,22 @@ def test_add_noise_and_img2img_start():
     with pytest.raises(ValueError, match="500"):
         scheduler.set_timesteps(4)
         scheduler.step(noisy, 500, noisy)
+
+
+def test_pipeline_default_eta_zero_is_flagged_once(monkeypatch):
+    """Stock pipelines pass eta=0.0 unless told: the scheduler says so once per schedule."""
+    import tdd.schedulers.tdd_scheduler as module
+
+    messages = []
+    monkeypatch.setattr(module.logger, "warning", messages.append)
+    x = latents(15)
+    scheduler = make()
+    scheduler.set_timesteps(4)
+    run_chain(scheduler, x, eta=0.0)
+    assert len(messages) == 1 and "eta" in messages[0]
+    scheduler.set_timesteps(4)
+    run_chain(scheduler, x, eta=0.2, generator=torch.Generator().manual_seed(0))
+    quiet = make(eta=0.0)
+    quiet.set_timesteps(4)
+    run_chain(quiet, x, eta=0.0)
+    assert len(messages) == 1
