@@ -1,0 +1,155 @@
+"""Builder of the toy teacher: text encoder + UNet trained as an epsilon-prediction SD teacher."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from tdd.models.conditioning import TextConditioner
+from tdd.models.teacher import Teacher
+from tdd.models.tiny import SD_SCHEDULER, save_pipeline
+from tdd.models.tokenizer import clip_tokenizer
+from tdd.schedule import NoiseSchedule
+from tdd.toy.common import (
+    BuildSettings,
+    Checkpointer,
+    Progress,
+    cosine_lr,
+    step_generator,
+    training_batch,
+    update_record,
+)
+
+DEFAULT_STEPS = 1500
+BATCH = 48
+MAX_LENGTH = 32
+CAPTION_DROPOUT = 0.1
+EMA_DECAY = 0.999
+MIN_SNR_GAMMA = 5.0
+GATES = {"mean_attribute_accuracy": 0.90, "all_attributes": 0.60}
+
+
+def text_encoder(hidden: int = 64) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=hidden,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+
+
+def unet(cross_attention_dim: int = 64) -> UNet2DConditionModel:
+    """8x8x4 latents; attention at 8x8 and 4x4."""
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128), norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=4,
+    )
+
+
+class EMA:
+    """Exponential moving average of a module's weights (the shipped teacher weights)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = copy.deepcopy(module).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        for ema, p in zip(self.module.parameters(), module.parameters()):
+            ema.lerp_(p.detach(), 1 - decay)
+
+
+def load_vae(settings: BuildSettings) -> AutoencoderKL:
+    folder = settings.out / "pipeline" / "vae"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} missing: build the VAE first (stage 'vae')")
+    return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
+
+
+def teacher_loss(model, encoder, tokenizer, vae, schedule, images, captions, generator):
+    """Epsilon MSE with min-SNR weighting; captions dropped to "" with CAPTION_DROPOUT."""
+    b = len(captions)
+    drop = torch.rand(b, generator=generator) < CAPTION_DROPOUT
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    with torch.no_grad():
+        posterior = vae.encode(images * 2 - 1).latent_dist
+        x0 = posterior.sample(generator=generator) * vae.config.scaling_factor
+    ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids
+    hidden = encoder(ids)[0]
+    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    x_t = schedule.add_noise(x0, eps, t)
+    pred = model(x_t, t, encoder_hidden_states=hidden).sample
+    abar = schedule.alphas_cumprod[t].float()
+    snr = abar / (1 - abar)
+    weight = snr.clamp(max=MIN_SNR_GAMMA) / snr
+    return (weight * (pred - eps).pow(2).flatten(1).mean(1)).mean()
+
+
+def build_teacher(settings: BuildSettings) -> dict:
+    """Train (resuming), save the SD-layout pipeline (fp16 UNet/text encoder), measure."""
+    torch.manual_seed(settings.seed)
+    total = settings.steps or DEFAULT_STEPS
+    vae = load_vae(settings)
+    tokenizer = clip_tokenizer(MAX_LENGTH)
+    encoder, model = text_encoder(), unet()
+    schedule = NoiseSchedule.from_config(SD_SCHEDULER)
+    params = list(encoder.parameters()) + list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    ema_unet, ema_text = EMA(model), EMA(encoder)
+    ckpt = Checkpointer(settings.work_dir("teacher"), settings.ckpt_every_s)
+    start = 0
+    if (state := ckpt.load()) is not None:
+        for module, key in ((model, "unet"), (encoder, "text"), (ema_unet.module, "ema_unet"),
+                            (ema_text.module, "ema_text"), (optimizer, "optimizer")):
+            module.load_state_dict(state[key])
+        start = state["step"]
+        print(f"[teacher] resuming at step {start}", flush=True)
+
+    def snapshot(step: int) -> dict:
+        return {"unet": model.state_dict(), "text": encoder.state_dict(),
+                "ema_unet": ema_unet.module.state_dict(),
+                "ema_text": ema_text.module.state_dict(),
+                "optimizer": optimizer.state_dict(), "step": step}
+
+    progress = Progress("teacher", total, start, settings.log_every)
+    model.train(), encoder.train()
+    for step in range(start, total):
+        images, specs = training_batch(settings.seed + 404, step, BATCH)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, total, 5e-4)
+        loss = teacher_loss(model, encoder, tokenizer, vae, schedule, images,
+                            [s.caption for s in specs], step_generator(settings.seed + 404, step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema_unet.update(model, step)
+        ema_text.update(encoder, step)
+        progress.update(step, loss.item())
+        ckpt.maybe_save(snapshot, step + 1)
+    ckpt.maybe_save(snapshot, total, force=True)
+    save_teacher(settings, ema_unet.module, ema_text.module, vae, tokenizer)
+    from tdd.toy.measure_teacher import measure_teacher
+    result = measure_teacher(settings)
+    result.update(steps=total, gates=GATES)
+    update_record(settings.out, "teacher", result)
+    print(f"[teacher] {json.dumps(result)}", flush=True)
+    return result
+
+
+def save_teacher(settings, model, encoder, vae, tokenizer) -> None:
+    """The diffusers SD layout; UNet and text encoder stored in float16 (VAE stays float32)."""
+    teacher = Teacher(
+        unet=copy.deepcopy(model).half().eval(), vae=vae,
+        text=TextConditioner([tokenizer], [copy.deepcopy(encoder).half().eval()], 32),
+        scheduler_config=dict(SD_SCHEDULER), resolution=32,
+    )
+    save_pipeline(teacher, settings.out / "pipeline")

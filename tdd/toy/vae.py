@@ -1,0 +1,113 @@
+"""Builder of the toy teacher's AutoencoderKL: 32x32 RGB renders <-> 8x8x4 latents."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from tdd.data.shapes import eval_scenes, reference_renders
+from tdd.toy.common import (
+    BuildSettings,
+    Checkpointer,
+    Progress,
+    cosine_lr,
+    psnr,
+    step_generator,
+    training_batch,
+    update_record,
+)
+
+DEFAULT_STEPS = 2000
+BATCH = 32
+KL_WEIGHT = 1e-6
+PSNR_GATE = 29.0
+
+
+def vae_model(widths: tuple[int, int, int] = (16, 32, 64)) -> AutoencoderKL:
+    """Three blocks (two downsamplings): 32x32x3 -> 8x8x4."""
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        block_out_channels=widths,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.0,
+    )
+
+
+def vae_loss(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator):
+    """Pixel MSE + L1 on a posterior sample, plus a weak KL term (images in [0, 1])."""
+    x = images * 2 - 1
+    posterior = vae.encode(x).latent_dist
+    rec = vae.decode(posterior.sample(generator=generator)).sample
+    return F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + KL_WEIGHT * posterior.kl().mean()
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Decode the posterior mean of each image (images and output in [0, 1])."""
+    out = []
+    for chunk in images.split(batch):
+        z = vae.encode(chunk * 2 - 1).latent_dist.mode()
+        out.append(((vae.decode(z).sample + 1) / 2).clamp(0, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def measure_vae(vae: AutoencoderKL, n: int, seed: int = 0) -> dict:
+    """Held-out PSNR (overall and by texture) and the latent scaling factor 1 / std."""
+    vae.eval()
+    images = reference_renders("val", n)
+    rec = reconstruct(vae, images)
+    scores = psnr(rec, images)
+    specs, _ = eval_scenes("val", n)
+    by_texture = {}
+    for texture in ("plain", "striped", "dotted"):
+        mask = torch.tensor([any(o.texture == texture for o in s.objects) for s in specs])
+        by_texture[texture] = round(float(scores[mask].mean()), 3)
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.cat([vae.encode(c * 2 - 1).latent_dist.sample(generator=generator)
+                         for c in images.split(500)])
+    return {"psnr_db": round(float(scores.mean()), 3), "psnr_db_by_texture": by_texture,
+            "psnr_db_p05": round(float(scores.quantile(0.05)), 3),
+            "scaling_factor": round(1.0 / float(latents.std()), 5),
+            "latent_mean": round(float(latents.mean()), 5), "eval_images": n}
+
+
+def build_vae(settings: BuildSettings) -> AutoencoderKL:
+    """Train (resuming from the work folder), measure, record and save the VAE."""
+    torch.manual_seed(settings.seed)
+    total = settings.steps or DEFAULT_STEPS
+    vae = vae_model()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    ckpt = Checkpointer(settings.work_dir("vae"), settings.ckpt_every_s)
+    start = 0
+    if (state := ckpt.load()) is not None:
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        print(f"[vae] resuming at step {start}", flush=True)
+    def snapshot(step: int) -> dict:
+        return {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+
+    progress = Progress("vae", total, start, settings.log_every)
+    vae.train()
+    for step in range(start, total):
+        images, _ = training_batch(settings.seed + 101, step, BATCH)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, total, 1e-3)
+        loss = vae_loss(vae, images, step_generator(settings.seed, step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        progress.update(step, loss.item())
+        ckpt.maybe_save(snapshot, step + 1)
+    ckpt.maybe_save(snapshot, total, force=True)
+    quality = measure_vae(vae, settings.eval_size, settings.seed)
+    quality.update(steps=total, gate_psnr_db=PSNR_GATE, passed=quality["psnr_db"] >= PSNR_GATE,
+                   parameters=sum(p.numel() for p in vae.parameters()))
+    vae.register_to_config(scaling_factor=quality["scaling_factor"])
+    vae.save_pretrained(settings.out / "pipeline" / "vae")
+    update_record(settings.out, "vae", quality)
+    print(f"[vae] {quality}", flush=True)
+    return vae

@@ -1,0 +1,135 @@
+"""Toy-asset builders and evaluators: helpers, smoke runs of every builder, shipped budgets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tdd.data.shapes import ATTRIBUTES, eval_scenes, reference_renders
+from tdd.toy.common import ASSETS, degrade, gaussian_blur, psnr, spearman
+from tdd.toy.evaluator import frechet_distance
+
+SIZE_BUDGET_MB = 25
+
+
+def test_degradations_are_controlled_by_level():
+    images = reference_renders("val", 8)
+    g = torch.Generator().manual_seed(0)
+    zero = torch.zeros(8)
+    assert torch.allclose(degrade(images, zero, torch.arange(8) % 3, g), images, atol=1e-5)
+    blurred = gaussian_blur(images, torch.full((8,), 1.0))
+    assert torch.allclose(blurred.mean((1, 2, 3)), images.mean((1, 2, 3)), atol=0.02)
+    sharp = (images[..., 1:] - images[..., :-1]).pow(2).mean()  # gradient energy
+    assert (blurred[..., 1:] - blurred[..., :-1]).pow(2).mean() < 0.6 * sharp
+    noisy = degrade(images, torch.ones(8), torch.ones(8, dtype=torch.long), g)
+    assert 0 <= noisy.min() and noisy.max() <= 1 and psnr(noisy, images).mean() < 25
+
+
+def test_spearman_and_psnr():
+    x = torch.arange(10.0)
+    assert spearman(x, x**3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) < 1
+    a = torch.zeros(2, 3, 4, 4)
+    assert psnr(a + 0.1, a) == pytest.approx(torch.full((2,), 20.0), abs=1e-4)
+
+
+def test_frechet_distance():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g)
+    b = torch.randn(4000, 3, generator=g)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, b) < 0.05
+    shift = torch.tensor([2.0, 0.0, 0.0])
+    assert frechet_distance(a, b + shift) == pytest.approx(4.0, abs=0.2)
+    assert frechet_distance(a, 2 * b) == pytest.approx(3.0, abs=0.3)  # 3 * (2 - 1)^2
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    """Every builder for two steps on a few held-out prompts, in a temp folder."""
+    from tdd.toy.build import main
+
+    root = tmp_path_factory.mktemp("toy")
+    args = ["--work", str(root / "work"), "--out", str(root / "out"), "--steps", "2",
+            "--eval-size", "8", "--log-every", "1"]
+    main(["all", *args])
+    return root, args
+
+
+def test_builders_write_the_layout_and_the_record(tiny_build):
+    root, _ = tiny_build
+    out = root / "out"
+    for path in ("pipeline/model_index.json", "pipeline/unet", "pipeline/vae",
+                 "pipeline/text_encoder", "pipeline/tokenizer", "pipeline/scheduler",
+                 "evaluator/open_clip_config.json", "evaluator/open_clip_model.safetensors",
+                 "evaluator/detail_head.safetensors", "samples.png", "quality.json"):
+        assert (out / path).exists(), path
+    record = json.loads((out / "quality.json").read_text())
+    assert set(record) == {"vae", "evaluator", "teacher"}
+    assert record["vae"]["steps"] == 2 and not record["vae"]["passed"]
+    assert 0 < record["vae"]["scaling_factor"] and record["vae"]["psnr_db"] < 29
+    assert set(record["evaluator"]["real"]) == {*ATTRIBUTES, "mean", "all"}
+    teacher = record["teacher"]
+    assert str(teacher["guidance_scale"]) in teacher["guidance_search"]
+    assert teacher["fid_real_vs_real_noise_floor"] >= 0 and teacher["eval_prompts"] == 8
+
+
+def test_built_pipeline_loads_as_stable_diffusion(tiny_build):
+    from diffusers import StableDiffusionPipeline
+
+    from tdd.models.teacher import load_teacher
+
+    folder = tiny_build[0] / "out" / "pipeline"
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    assert pipe.vae.config.scaling_factor != 1.0  # measured, not the default
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    assert pipe.tokenizer("a red circle").input_ids[0] == 49406  # real CLIP ids
+    teacher = load_teacher(str(folder), resolution=32)
+    cond = teacher.text(["a small red circle in the center on a black background"])
+    eps = teacher.unet(torch.zeros(1, 4, 8, 8), torch.tensor([10]), **cond.unet_kwargs()).sample
+    assert eps.shape == (1, 4, 8, 8) and teacher.prediction_type == "epsilon"
+    assert next(teacher.unet.parameters()).dtype == torch.float32
+
+
+def test_built_evaluator_interfaces(tiny_build):
+    import open_clip
+
+    from tdd.toy.evaluator import load_toy_evaluator
+
+    folder = tiny_build[0] / "out" / "evaluator"
+    evaluator = load_toy_evaluator(folder)
+    specs, _ = eval_scenes("val", 4)
+    images = reference_renders("val", 4)
+    by_spec = evaluator.attribute_accuracy(images, specs)
+    by_caption = evaluator.attribute_accuracy(images, [s.caption for s in specs])
+    assert by_spec == by_caption and set(by_spec) == {*ATTRIBUTES, "mean", "all"}
+    assert evaluator.image_features(images).norm(dim=-1) == pytest.approx(torch.ones(4))
+    assert evaluator.detail_score(images).shape == (4,)
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    tokens = open_clip.get_tokenizer(f"local-dir:{folder}")([specs[0].caption])
+    with torch.no_grad():
+        text = model.encode_text(tokens)
+        ours = evaluator.model.encode_text(tokens)
+    assert torch.allclose(text, ours, atol=1e-4)
+
+
+def test_builders_resume_from_their_state(tiny_build, capsys):
+    from tdd.toy.build import main
+
+    root, args = tiny_build
+    main(["vae", *[a if a != "2" else "3" for a in args]])
+    assert "[vae] resuming at step 2" in capsys.readouterr().out
+    state = torch.load(root / "work" / "vae" / "state.pt", weights_only=False)
+    assert state["step"] == 3
+
+
+def test_shipped_assets_fit_the_budget():
+    if not (ASSETS / "quality.json").exists():
+        pytest.skip("toy assets not built (make toy-assets)")
+    size = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    assert size <= SIZE_BUDGET_MB * 2**20
+    record = json.loads((ASSETS / "quality.json").read_text())
+    assert {"vae", "evaluator", "teacher"} <= set(record)
