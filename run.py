@@ -1,4 +1,4 @@
-"""Entry point: distill a student from a teacher, then write results.json.
+"""Entry point: distill a student from a teacher, evaluate it, export it, write results.json.
 
     python run.py strategy=tdd guidance=decoupled
     python run.py -m strategy=tdd,lcm,tcd,pcm
@@ -15,16 +15,24 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 import tdd.config  # noqa: F401  (registers the ${asset:...} resolver)
-from tdd.factory import build_recipe, check_paths, instantiate_group, resolve_ckpt_path
+from tdd.evaluation import summary_table
+from tdd.factory import (
+    build_recipe,
+    check_paths,
+    finish_loggers,
+    instantiate_group,
+    resolve_ckpt_path,
+)
 from tdd.module import DistillationModule
 
 
 def train(cfg: DictConfig) -> dict:
     """Distill according to ``cfg`` and return the run's results (also saved as results.json)."""
-    # Cheap objects first: a bad setting fails here, before any model is loaded.
+    # Cheap objects first: a bad setting or path fails here, before any model is loaded.
     recipe = build_recipe(cfg)
     check_paths(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
+    evaluation = hydra.utils.instantiate(cfg.evaluation)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -37,22 +45,30 @@ def train(cfg: DictConfig) -> dict:
     loggers = instantiate_group(cfg.get("logger"))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False
-    )
+    callbacks = instantiate_group(cfg.get("callbacks")) + [evaluation]
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    output_dir = Path(cfg.paths.output_dir)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        exported = None
+        if cfg.export.enabled and trainer.is_global_zero:
+            exported = str(module.student.export(output_dir / "export", cfg.export.fmt))
+    finally:
+        finish_loggers(loggers)
     results = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "train": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        "timings": {"train_seconds": time.perf_counter() - start,
-                    "global_step": trainer.global_step},
+        "metrics": evaluation.results.get("rows", {}),
+        "timings": {"seconds": time.perf_counter() - start, "global_step": trainer.global_step},
         "checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
+        "export": exported,
     }
-    output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if results["metrics"]:
+        print(summary_table(results["metrics"]))
     return results
 
 

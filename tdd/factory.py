@@ -70,3 +70,10 @@ def instantiate_group(cfg: DictConfig | None) -> list:
     if not cfg:
         return []
     return [hydra.utils.instantiate(entry) for entry in cfg.values() if entry is not None]
+
+
+def finish_loggers(loggers: list) -> None:
+    """Close W&B runs so the jobs of a multirun never log into each other."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import LCMScheduler, TCDScheduler
+from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
@@ -140,6 +140,20 @@ class PCMSampler(Sampler):
     def set_timesteps(self, scheduler, num_steps, device=None):
         steps = self.timesteps(num_steps, scheduler.config.num_train_timesteps)
         scheduler.set_timesteps(timesteps=steps, device=device)
+
+    def step_kwargs(self):
+        return {"eta": 0.0}
+
+
+@dataclass(frozen=True)
+class DDIMSampler(Sampler):
+    """The teacher's reference sampler: deterministic DDIM, "trailing" spacing (starts at 999),
+    ending with ``abar[0]`` (``set_alpha_to_one=False``)."""
+
+    def build(self, scheduler_config):
+        return DDIMScheduler.from_config(
+            dict(scheduler_config), timestep_spacing="trailing", set_alpha_to_one=False, **_SAFE
+        )
 
     def step_kwargs(self):
         return {"eta": 0.0}

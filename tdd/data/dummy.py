@@ -44,6 +44,13 @@ class DummyDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.dataset = DummyImages(size, resolution, seed)
 
+    def evaluation_set(self, n: int) -> tuple[list[str], torch.Tensor]:
+        """``n`` fixed prompts and as many held-out reference images in [0, 1]."""
+        held_out = DummyImages(n, self.dataset.resolution, seed=self.dataset.seed + 1)
+        items = [held_out[k] for k in range(n)]
+        images = torch.stack([item["pixel_values"] for item in items]) * 0.5 + 0.5
+        return [item["caption"] for item in items], images
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -48,6 +49,20 @@ class Student(nn.Module):
     def update_target(self) -> None:
         """Called after every optimizer step (EMA students move their target)."""
 
+    @property
+    def sampling_unet(self) -> UNet2DConditionModel:
+        """The UNet that samples as the distilled student."""
+        return self.unet
+
+    @contextmanager
+    def as_teacher(self):
+        """Yields the teacher's UNet for sampling reference images."""
+        raise NotImplementedError
+
+    def export(self, directory, fmt: str = "diffusers"):
+        """Write the distilled weights to ``directory`` in a diffusers-loadable format."""
+        raise NotImplementedError
+
 
 class LoRAStudent(Student):
     """peft LoRA adapters on the teacher UNet; the teacher is the same UNet with adapters off.
@@ -87,6 +102,16 @@ class LoRAStudent(Student):
             yield
         finally:
             self.unet.enable_adapters()
+
+    @contextmanager
+    def as_teacher(self):
+        with self.adapters_disabled():
+            yield self.unet
+
+    def export(self, directory, fmt: str = "diffusers"):
+        from tdd.export import export_lora
+
+        return export_lora(self, directory, fmt)
 
     @torch.no_grad()
     def teacher(self, x, t, conditioning):
@@ -140,6 +165,22 @@ class FullStudent(Student):
     def target(self, x, t, conditioning, timestep_cond=None):
         network = self.unet if self.ema is None else self.ema
         return network(x, t, timestep_cond=timestep_cond, **conditioning.unet_kwargs()).sample
+
+    @property
+    def sampling_unet(self):
+        return self.unet if self.ema is None else self.ema
+
+    @contextmanager
+    def as_teacher(self):
+        yield self.teacher_unet
+
+    def export(self, directory, fmt: str = "diffusers"):
+        """The student UNet (EMA when present) as a diffusers ``unet/`` folder."""
+        if fmt != "diffusers":
+            raise ValueError(f"student=full exports fmt='diffusers' only, not {fmt!r}")
+        path = Path(directory) / "unet"
+        self.sampling_unet.save_pretrained(path)
+        return path
 
     @torch.no_grad()
     def update_target(self):

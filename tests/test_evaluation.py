@@ -1,0 +1,53 @@
+"""Evaluation end to end on the tiny teacher: results.json, CSV and the W&B run agree."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import open_dict
+
+from run import train
+from tdd.evaluation import Setting, summary_table
+from tdd.wandb_records import read_history
+
+
+def test_setting_names():
+    assert Setting(4).name == "4"
+    assert Setting(4, 1.7).name == "4_g1.7"
+    assert Setting(6, 1.0, 0.5).name == "6_eta0.5"
+    assert Setting(25, 4.5, teacher=True).name == "teacher25"
+
+
+def test_run_logs_the_same_numbers_everywhere(make_cfg):
+    cfg = make_cfg("trainer=cpu", "trainer.max_steps=2", "logger=default", "data.batch_size=2",
+                   "callbacks=none", "student.rank=4", "student.alpha=4",
+                   "evaluation.steps=[2,4]", "evaluation.teacher_steps=[3]",
+                   "evaluation.num_images=4", "evaluation.guidance_scales=[1.0,1.7]")
+    with open_dict(cfg):
+        cfg.metrics = {"_target_": "helpers_metrics.tiny_suite"}
+    results = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    saved = json.loads((out / "results.json").read_text())
+    rows = saved["metrics"]
+    assert set(rows) == {"teacher3", "2", "4", "2_g1.7", "4_g1.7"}
+    assert rows["4"]["nfe"] == 4 and rows["4_g1.7"]["nfe"] == 8 and rows["teacher3"]["nfe"] == 6
+    assert rows["teacher3"]["guidance_scale"] == pytest.approx(4.5)  # 1 + w of decoupled
+    assert "fid_teacher" in rows["4"] and "fid_teacher" not in rows["teacher3"]
+    assert all(Path(row["grid"]).is_file() for row in rows.values())
+    assert results["metrics"] == rows
+    assert Path(saved["export"]).is_file()
+
+    expected = {f"val/{k}@{name}": v for name, row in rows.items() for k, v in row.items()
+                if isinstance(v, float) and not isinstance(v, bool)}
+    with open(out / "csv" / "metrics.csv") as handle:
+        logged = [r for r in csv.DictReader(handle) if r.get("val/fid@4")]
+    assert len(logged) == 1
+    for key, value in expected.items():
+        assert float(logged[0][key]) == pytest.approx(value, rel=1e-6), key
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    history = [row for row in read_history(run_dir) if "val/fid@4" in row]
+    assert len(history) == 1
+    for key, value in expected.items():
+        assert history[0][key] == pytest.approx(value, rel=1e-6), key
+    assert "fid" in summary_table(rows) and "teacher3" in summary_table(rows)
