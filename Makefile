@@ -32,5 +32,8 @@ run: ## The main job: TDD with decoupled guidance
 sweep: ## All four strategies as a Hydra multirun
 	$(PY) run.py -m strategy=tdd,lcm,tcd,pcm
 
+bench: ## Benchmark: step time vs its floor and the scripts' way, sampling speed, memory (JSON)
+	$(PY) -m tdd.bench
+
 clean: ## Remove run outputs and caches
 	rm -rf outputs multirun .pytest_cache .ruff_cache
