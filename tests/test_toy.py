@@ -54,7 +54,7 @@ def tiny_build(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("toy")
     args = ["--work", str(root / "work"), "--out", str(root / "out"), "--steps", "2",
-            "--eval-size", "8", "--log-every", "1"]
+            "--batch-size", "4", "--eval-size", "8", "--log-every", "1"]
     main(["all", *args])
     return root, args
 
@@ -83,7 +83,11 @@ def test_built_pipeline_loads_as_stable_diffusion(tiny_build):
     from tdd.models.teacher import load_teacher
 
     folder = tiny_build[0] / "out" / "pipeline"
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)  # no dtype given: all float32
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(["a large blue dotted square at the top left on a white background"],
+                  height=32, width=32, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
     assert pipe.vae.config.scaling_factor != 1.0  # measured, not the default
     assert pipe.scheduler.config.beta_schedule == "scaled_linear"
     assert pipe.tokenizer("a red circle").input_ids[0] == 49406  # real CLIP ids
@@ -120,10 +124,10 @@ def test_builders_resume_from_their_state(tiny_build, capsys):
     from tdd.toy.build import main
 
     root, args = tiny_build
-    main(["vae", *[a if a != "2" else "3" for a in args]])
-    assert "[vae] resuming at step 2" in capsys.readouterr().out
+    main(["vae", *args[:5], "3", *args[6:]])
+    assert "[vae] resuming at step 4" in capsys.readouterr().out  # 2 + 2 decoder steps
     state = torch.load(root / "work" / "vae" / "state.pt", weights_only=False)
-    assert state["step"] == 3
+    assert state["step"] == 6
 
 
 def test_shipped_assets_fit_the_budget():

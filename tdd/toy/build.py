@@ -39,14 +39,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ASSETS, help="asset folder")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps of each stage (default: the stage's own)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="training batch of each stage (default: the stage's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-size", type=int, default=2000,
                         help="held-out prompts used for the quality record")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    settings = BuildSettings(work=args.work, out=args.out, steps=args.steps, seed=args.seed,
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = BuildSettings(work=args.work, out=args.out, steps=args.steps,
+                             batch_size=args.batch_size, seed=args.seed,
                              eval_size=args.eval_size, log_every=args.log_every)
     for stage in STAGES if args.stage == "all" else (args.stage,):
         print(f"== toy assets: {stage} ==", flush=True)

@@ -136,22 +136,24 @@ def build_evaluator(settings: BuildSettings) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     vae = load_vae(settings)
     ckpt = Checkpointer(settings.work_dir("evaluator"), settings.ckpt_every_s)
-    start = 0
+    start, vae_from = 0, None
     if (state := ckpt.load()) is not None:
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+        start, vae_from = state["step"], state.get("vae_from")
         print(f"[evaluator] resuming at step {start}", flush=True)
+    if vae is not None and vae_from is None:
+        vae_from = start  # the step from which VAE reconstructions join the augmentations
 
     def snapshot(step: int) -> dict:
         return {"model": model.state_dict(), "head": head.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step}
+                "optimizer": optimizer.state_dict(), "step": step, "vae_from": vae_from}
 
     progress = Progress("evaluator", total, start, settings.log_every)
     model.train()
     for step in range(start, total):
-        images, specs = training_batch(settings.seed + 202, step, BATCH)
+        images, specs = training_batch(settings.seed + 202, step, settings.batch_size or BATCH)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, total, 1e-3)
         loss = evaluator_loss(model, head, tokenizer, images, specs, step, settings, vae)
@@ -171,7 +173,7 @@ def build_evaluator(settings: BuildSettings) -> dict:
               folder / DETAIL_HEAD)
     result = measure_evaluator(settings, vae)
     result.update(steps=total, gates=GATES, passed=_gates(result),
-                  trained_with_vae_reconstructions=vae is not None)
+                  vae_reconstructions_from_step=vae_from)
     update_record(settings.out, "evaluator", result)
     print(f"[evaluator] {json.dumps(result)}", flush=True)
     return result

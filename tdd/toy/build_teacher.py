@@ -24,7 +24,7 @@ from tdd.toy.common import (
     update_record,
 )
 
-DEFAULT_STEPS = 1500
+DEFAULT_STEPS = 2000
 BATCH = 48
 MAX_LENGTH = 32
 CAPTION_DROPOUT = 0.1
@@ -45,7 +45,7 @@ def unet(cross_attention_dim: int = 64) -> UNet2DConditionModel:
     """8x8x4 latents; attention at 8x8 and 4x4."""
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(64, 128), norm_num_groups=16,
+        block_out_channels=(48, 96), norm_num_groups=16,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim, attention_head_dim=4,
@@ -122,7 +122,7 @@ def build_teacher(settings: BuildSettings) -> dict:
     progress = Progress("teacher", total, start, settings.log_every)
     model.train(), encoder.train()
     for step in range(start, total):
-        images, specs = training_batch(settings.seed + 404, step, BATCH)
+        images, specs = training_batch(settings.seed + 404, step, settings.batch_size or BATCH)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, total, 5e-4)
         loss = teacher_loss(model, encoder, tokenizer, vae, schedule, images,
@@ -136,7 +136,7 @@ def build_teacher(settings: BuildSettings) -> dict:
         progress.update(step, loss.item())
         ckpt.maybe_save(snapshot, step + 1)
     ckpt.maybe_save(snapshot, total, force=True)
-    save_teacher(settings, ema_unet.module, ema_text.module, vae, tokenizer)
+    save_teacher(settings, ema_unet.module, ema_text.module, load_vae(settings), tokenizer)
     from tdd.toy.measure_teacher import measure_teacher
     result = measure_teacher(settings)
     result.update(steps=total, gates=GATES)
@@ -152,4 +152,10 @@ def save_teacher(settings, model, encoder, vae, tokenizer) -> None:
         text=TextConditioner([tokenizer], [copy.deepcopy(encoder).half().eval()], 32),
         scheduler_config=dict(SD_SCHEDULER), resolution=32,
     )
-    save_pipeline(teacher, settings.out / "pipeline")
+    folder = save_pipeline(teacher, settings.out / "pipeline")
+    # float16 weights keep the files small; declaring float32 as the text encoder's dtype makes
+    # a plain `StableDiffusionPipeline.from_pretrained(folder)` load every part in float32.
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

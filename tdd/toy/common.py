@@ -27,6 +27,7 @@ class BuildSettings:
     work: Path
     out: Path = ASSETS
     steps: int | None = None  # None: the builder's default
+    batch_size: int | None = None  # None: the builder's default
     seed: int = 0
     eval_size: int = 2000
     log_every: int = 50

@@ -19,6 +19,7 @@ from tdd.toy.common import (
 )
 
 DEFAULT_STEPS = 2000
+DECODER_STEPS = 1500
 BATCH = 32
 KL_WEIGHT = 1e-6
 PSNR_GATE = 29.0
@@ -73,38 +74,69 @@ def measure_vae(vae: AutoencoderKL, n: int, seed: int = 0) -> dict:
             "latent_mean": round(float(latents.mean()), 5), "eval_images": n}
 
 
+def decoder_loss(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator):
+    """Phase 2: pixel loss of the decoder alone; the frozen encoder keeps the latent space."""
+    x = images * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.sample(generator=generator)
+    rec = vae.decode(z).sample
+    return F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+
+
+def _phase(vae: AutoencoderKL, step: int, first: int):
+    """(loss function, trained parameters, base lr, phase start) at ``step``."""
+    if step < first:
+        return vae_loss, list(vae.parameters()), 1e-3, 0
+    decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    return decoder_loss, decoder, 5e-4, first
+
+
 def build_vae(settings: BuildSettings) -> AutoencoderKL:
-    """Train (resuming from the work folder), measure, record and save the VAE."""
+    """Train both phases (resuming from the work folder), measure, record and save the VAE.
+
+    Phase 1 trains the whole autoencoder; phase 2 fine-tunes the decoder with the encoder
+    frozen, so a teacher trained on phase-1 latents stays valid.
+    """
     torch.manual_seed(settings.seed)
-    total = settings.steps or DEFAULT_STEPS
+    first = settings.steps or DEFAULT_STEPS
+    total = first + (settings.steps or DECODER_STEPS)
     vae = vae_model()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     ckpt = Checkpointer(settings.work_dir("vae"), settings.ckpt_every_s)
-    start = 0
-    if (state := ckpt.load()) is not None:
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+    saved, start = ckpt.load(), 0
+    if saved is not None:
+        vae.load_state_dict(saved["model"])
+        start = saved["step"]
         print(f"[vae] resuming at step {start}", flush=True)
+    loss_fn, params, base_lr, phase_start = _phase(vae, start, first)
+    optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=0.0)
+    if saved is not None and saved.get("phase_start", 0) == phase_start:
+        optimizer.load_state_dict(saved["optimizer"])
+
     def snapshot(step: int) -> dict:
-        return {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+        return {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "phase_start": phase_start}
 
     progress = Progress("vae", total, start, settings.log_every)
     vae.train()
     for step in range(start, total):
-        images, _ = training_batch(settings.seed + 101, step, BATCH)
+        if step == first and phase_start == 0:  # phase 2 begins: decoder only, fresh optimizer
+            loss_fn, params, base_lr, phase_start = _phase(vae, step, first)
+            optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=0.0)
+        images, _ = training_batch(settings.seed + 101, step, settings.batch_size or BATCH)
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, total, 1e-3)
-        loss = vae_loss(vae, images, step_generator(settings.seed, step))
+            group["lr"] = cosine_lr(step - phase_start, (first if phase_start == 0 else
+                                                         total - first), base_lr)
+        loss = loss_fn(vae, images, step_generator(settings.seed, step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         progress.update(step, loss.item())
         ckpt.maybe_save(snapshot, step + 1)
     ckpt.maybe_save(snapshot, total, force=True)
     quality = measure_vae(vae, settings.eval_size, settings.seed)
-    quality.update(steps=total, gate_psnr_db=PSNR_GATE, passed=quality["psnr_db"] >= PSNR_GATE,
+    quality.update(steps=first, decoder_steps=total - first, gate_psnr_db=PSNR_GATE,
+                   passed=quality["psnr_db"] >= PSNR_GATE,
                    parameters=sum(p.numel() for p in vae.parameters()))
     vae.register_to_config(scaling_factor=quality["scaling_factor"])
     vae.save_pretrained(settings.out / "pipeline" / "vae")
