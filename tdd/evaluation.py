@@ -99,6 +99,10 @@ class Evaluation(L.Callback):
                    for key, value in row.items() if isinstance(value, (int, float))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+            if hasattr(logger, "log_image"):  # W&B: the sample grids as images
+                for name, row in rows.items():
+                    logger.log_image(key=f"samples/{name}", images=[row["grid"]],
+                                     step=trainer.global_step)
         return {"step": trainer.global_step, "rows": rows}
 
     def _prepare(self, datamodule, module) -> None:
@@ -123,7 +127,8 @@ class Evaluation(L.Callback):
     def _score(self, unet, sampler, setting: Setting, module, output: Path) -> dict:
         with Stopwatch(module.device) as watch:
             result = generate(unet, module.teacher_info, sampler, self._prompts, self._seeds,
-                              setting.steps, setting.guidance_scale, self.batch_size)
+                              setting.steps, setting.guidance_scale, self.batch_size,
+                              progress=True)
         if setting.teacher and setting.steps == self.teacher_steps[0]:
             self.metrics.set_reference("teacher", result.images.to(module.device))
         references = ["real"] if setting.teacher else None
