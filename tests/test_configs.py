@@ -149,3 +149,15 @@ def test_experiment_smoke_run(make_cfg, experiment):
     cfg = make_cfg(f"experiment={experiment}", "model=tiny", "debug=fdr", "data.batch_size=2",
                    "trainer.precision=32-true")
     assert torch.isfinite(torch.tensor(train(cfg)["train"]["train/loss"]))
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path):
+    """The DDP code path (two gloo processes), launched the way users launch it."""
+    command = [sys.executable, "run.py", "debug=default", "trainer=ddp_sim", "logger=none",
+               "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["timings"]["global_step"] == 2
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
