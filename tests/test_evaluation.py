@@ -51,3 +51,18 @@ def test_run_logs_the_same_numbers_everywhere(make_cfg):
     for key, value in expected.items():
         assert history[0][key] == pytest.approx(value, rel=1e-6), key
     assert "fid" in summary_table(rows) and "teacher3" in summary_table(rows)
+
+
+@pytest.mark.parametrize("module", ["dummy", "shapes"])
+def test_evaluation_sets_are_fixed_and_held_out(make_cfg, module):
+    import hydra
+    import torch
+
+    data = hydra.utils.instantiate(make_cfg(f"data={module}").data)
+    prompts, images = data.evaluation_set(6)
+    again_prompts, again = data.evaluation_set(6)
+    assert len(prompts) == 6 and images.shape == (6, 3, 32, 32)
+    assert prompts == again_prompts and torch.equal(images, again)
+    assert images.min() >= 0 and images.max() <= 1
+    train = next(iter(data.train_dataloader()))["pixel_values"] * 0.5 + 0.5
+    assert not any(torch.allclose(train[0], image) for image in images)

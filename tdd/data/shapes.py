@@ -277,5 +277,11 @@ class ShapesDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.dataset)
 
+    def evaluation_set(self, n: int) -> tuple[list[str], torch.Tensor]:
+        """The first ``n`` held-out "val" prompts and their reference renders in [0, 1]."""
+        specs, _ = eval_scenes("val", n)
+        images = reference_renders("val", n, resolution=self.dataset.resolution)
+        return [spec.caption for spec in specs], images
+
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset)
