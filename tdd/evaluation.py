@@ -81,8 +81,9 @@ class Evaluation(L.Callback):
 
     # -- the evaluation --------------------------------------------------------------------------
     def evaluate(self, trainer: L.Trainer, module) -> dict:
-        if not trainer.is_global_zero or not getattr(self.metrics, "enabled", True):
-            return {}
+        if (not trainer.is_global_zero or trainer.fast_dev_run
+                or not getattr(self.metrics, "enabled", True)):
+            return {}  # like Lightning's own checkpointing, fast_dev_run skips evaluation
         self._prepare(trainer.datamodule, module)
         output = Path(trainer.default_root_dir) / "samples" / f"step{trainer.global_step}"
         rows = {}
