@@ -63,7 +63,8 @@ def augment(images, vae, generator):
     known = torch.ones(b, dtype=torch.bool)
     if vae is not None:
         known = torch.rand(b, generator=generator) >= 0.25
-        out[~known] = reconstruct(vae, images[~known])
+        if not known.all():  # a small batch may draw no reconstruction at all
+            out[~known] = reconstruct(vae, images[~known])
     return out, 1 - level, known
 
 
