@@ -20,8 +20,23 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+#: Tests run on the tiny random teacher unless they choose otherwise (the default is the toy).
+TEST_DEFAULTS = ("model=tiny", "data=dummy", "metrics=none", "logger=csv")
+
+
 def compose_config(overrides: list[str], output_dir: Path | str) -> DictConfig:
-    """The real config, composed the way run.py does, with output written to ``output_dir``."""
+    """The real config, composed the way run.py does, with output written to ``output_dir``.
+
+    Groups in ``TEST_DEFAULTS`` that ``overrides`` does not choose are set to the tiny setup;
+    :func:`compose_defaults` composes the shipped defaults instead.
+    """
+    chosen = {o.split("=")[0].lstrip("+~") for o in overrides}
+    overrides = [o for o in TEST_DEFAULTS if o.split("=")[0] not in chosen] + list(overrides)
+    return compose_defaults(overrides, output_dir)
+
+
+def compose_defaults(overrides: list[str], output_dir: Path | str) -> DictConfig:
+    """The config exactly as ``python run.py <overrides>`` composes it."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)

@@ -20,6 +20,7 @@ CONF = ROOT / "conf"
 STRATEGIES = ["tdd", "lcm", "tcd", "pcm"]
 GUIDANCES = ["decoupled", "cfg", "w_embed", "none"]
 STUDENTS = ["lora", "full"]
+TINY = ["model=tiny", "data=dummy", "metrics=none"]
 
 
 def options(group: str) -> list[str]:
@@ -131,7 +132,7 @@ def test_resume_continues_the_same_run(make_cfg, tmp_path):
 
 
 def test_multirun_sweeps_every_strategy(tmp_path):
-    command = [sys.executable, "run.py", "-m", "strategy=tdd,lcm,tcd,pcm", "debug=fdr",
+    command = [sys.executable, "run.py", "-m", "strategy=tdd,lcm,tcd,pcm", "debug=fdr", *TINY,
                "data.batch_size=2", f"hydra.sweep.dir={tmp_path}"]
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -154,7 +155,7 @@ def test_experiment_smoke_run(make_cfg, experiment):
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path):
     """The DDP code path (two gloo processes), launched the way users launch it."""
-    command = [sys.executable, "run.py", "debug=default", "trainer=ddp_sim", "logger=none",
+    command = [sys.executable, "run.py", "debug=default", "trainer=ddp_sim", "logger=none", *TINY,
                "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
