@@ -36,7 +36,8 @@ class Evaluation(L.Callback):
     """Scores the student on a grid of (steps, guidance scale, eta) with fixed prompts and
     per-image seeds, next to the teacher's DDIM rows; logs ``val/<metric>@<setting>``.
 
-    The first teacher row (25 steps by default) is the reference for ``fid_teacher``. The
+    ``guidance_scales=None`` takes the guidance mode's own inference scales (decoupled: 1 and
+    1.7). The first teacher row (25 steps by default) is the reference for ``fid_teacher``. The
     teacher's guidance scale defaults to ``1 + mean(w)`` of the run's guidance (LCM form -> the
     diffusers scale the student was distilled towards).
     """
@@ -46,7 +47,7 @@ class Evaluation(L.Callback):
         sampler: Sampler,
         metrics,
         steps: Sequence[int] = (2, 4, 6, 8),
-        guidance_scales: Sequence[float] = (1.0,),
+        guidance_scales: Sequence[float] | None = None,
         etas: Sequence[float | None] = (None,),
         teacher_steps: Sequence[int] = (25,),
         teacher_guidance_scale: float | None = None,
@@ -61,8 +62,7 @@ class Evaluation(L.Callback):
         if any(eta is not None and not hasattr(sampler, "eta") for eta in etas):
             raise ValueError(f"evaluation.etas: {type(sampler).__name__} has no eta to vary")
         self.sampler, self.metrics = sampler, metrics
-        self.settings = [Setting(k, g, eta)
-                         for k in steps for g in guidance_scales for eta in etas]
+        self.steps, self.guidance_scales, self.etas = list(steps), guidance_scales, list(etas)
         self.teacher_steps = list(teacher_steps)
         self.teacher_guidance_scale = teacher_guidance_scale
         self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
@@ -91,7 +91,9 @@ class Evaluation(L.Callback):
             for setting in self._teacher_settings(module):
                 rows[setting.name] = self._score(teacher_unet, DDIMSampler(), setting, module,
                                                  output)
-        for setting in self.settings:
+        scales = self.guidance_scales or module.guidance.inference_scales
+        settings = [Setting(k, g, eta) for k in self.steps for g in scales for eta in self.etas]
+        for setting in settings:
             sampler = self.sampler if setting.eta is None else dataclasses.replace(
                 self.sampler, eta=setting.eta)
             rows[setting.name] = self._score(module.student.sampling_unet, sampler, setting,

@@ -23,7 +23,7 @@ def test_run_logs_the_same_numbers_everywhere(make_cfg):
     cfg = make_cfg("trainer=cpu", "trainer.max_steps=2", "logger=default", "data.batch_size=2",
                    "callbacks=none", "student.rank=4", "student.alpha=4",
                    "evaluation.steps=[2,4]", "evaluation.teacher_steps=[3]",
-                   "evaluation.num_images=4", "evaluation.guidance_scales=[1.0,1.7]")
+                   "evaluation.num_images=4")  # decoupled: evaluated at g = 1 and 1.7
     with open_dict(cfg):
         cfg.metrics = {"_target_": "helpers_metrics.tiny_suite"}
     results = train(cfg)

@@ -71,3 +71,9 @@ def test_unconditional_embedding_modes():
 def test_bad_guidance_settings_are_named(build, setting):
     with pytest.raises(ValueError, match=setting):
         build()
+
+
+def test_inference_scales_follow_the_guidance_mode():
+    assert DecoupledGuidance().inference_scales == (1.0, 1.7)
+    assert CFGGuidance().inference_scales == (1.0,)
+    assert WEmbedGuidance(w_min=3, w_max=15).inference_scales == (10.0,)

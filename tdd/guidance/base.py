@@ -25,6 +25,8 @@ class Guidance:
 
     #: True when the student must take ``w`` as ``timestep_cond`` (a UNet guidance projection).
     embeds_w: bool = False
+    #: Diffusers-form scales g the student is evaluated at (g = 1: the distilled guidance alone).
+    inference_scales: tuple[float, ...] = (1.0,)
 
     def __init__(
         self,

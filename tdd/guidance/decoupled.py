@@ -12,5 +12,7 @@ class DecoupledGuidance(Guidance):
     is the distilled guidance (effective teacher scale about g * (1 + w)).
     """
 
+    inference_scales = (1.0, 1.7)
+
     def __init__(self, w: float = 3.5, empty_prompt_share: float = 0.2, uncond: str = "empty"):
         super().__init__(w, w, empty_prompt_share, uncond)
