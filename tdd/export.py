@@ -133,3 +133,48 @@ def export_lora_from_checkpoint(
     data = torch.load(checkpoint, map_location="cpu", weights_only=False)
     load_trainable_state(student, data.get("state_dict", data), prefix)
     return export_lora(student, directory, fmt)
+
+
+def export_run(run_dir: str | Path, checkpoint: str = "last", fmt: str = "diffusers") -> Path:
+    """Export a run's checkpoint on demand: rebuild its teacher and student from the run's
+    saved config (``.hydra/config.yaml``), load the trainable state, write ``export-<ckpt>/``."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    import tdd.config  # noqa: F401  (the ${asset:...} resolver)
+    from tdd.factory import build_recipe
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / ".hydra" / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: no .hydra/config.yaml")
+    ckpt = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no checkpoint {ckpt}")
+    cfg = OmegaConf.load(config_path)
+    recipe = build_recipe(cfg)
+    teacher = hydra.utils.instantiate(cfg.model)
+    guidance = recipe.guidance
+    dim = getattr(guidance, "embedding_dim", None) if guidance.embeds_w else None
+    student = recipe.student(unet=teacher.unet, guidance_embedding_dim=dim)
+    data = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = {k[len("student."):]: v for k, v in data["state_dict"].items()}
+    unexpected = student.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise KeyError(f"{ckpt} holds weights this student lacks, e.g. {unexpected[:3]}")
+    return Path(student.export(run_dir / f"export-{checkpoint}", fmt))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Export a run's checkpoint (LoRA or UNet).")
+    parser.add_argument("run_dir")
+    parser.add_argument("--checkpoint", default="last", help="checkpoint name without .ckpt")
+    parser.add_argument("--fmt", default="diffusers", choices=["diffusers", "kohya"])
+    args = parser.parse_args(argv)
+    print(export_run(args.run_dir, args.checkpoint, args.fmt))
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,7 @@ same images as the framework's own generate()."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,26 @@ def test_export_rejects_what_it_cannot_write(setup, tmp_path):
              if "up_blocks" not in k}
     with pytest.raises(ValueError, match="lacks"):
         load_trainable_state(other_rank, state)
+
+
+def test_export_on_demand_equals_the_end_of_run_export(tmp_path):
+    """``python -m tdd.export <run_dir>`` rebuilds the student from the run's config."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tdd.export import export_run
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "run.py", "model=tiny", "data=dummy", "metrics=none",
+               "logger=none", "trainer=cpu", "trainer.max_steps=2", "data.batch_size=2",
+               "student.rank=4", "student.alpha=4", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    at_end = load_file(next((tmp_path / "export").glob("*.safetensors")))
+    on_demand = load_file(export_run(tmp_path))
+    assert at_end.keys() == on_demand.keys() and len(at_end) > 0
+    assert all(torch.equal(at_end[k], on_demand[k]) for k in at_end)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        export_run(tmp_path, checkpoint="epoch=9")
