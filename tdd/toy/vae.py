@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
@@ -134,12 +136,15 @@ def build_vae(settings: BuildSettings) -> AutoencoderKL:
         progress.update(step, loss.item())
         ckpt.maybe_save(snapshot, step + 1)
     ckpt.maybe_save(snapshot, total, force=True)
-    quality = measure_vae(vae, settings.eval_size, settings.seed)
+    folder = settings.out / "pipeline" / "vae"
+    copy.deepcopy(vae).half().save_pretrained(folder)  # float16 files; diffusers loads float32
+    shipped = AutoencoderKL.from_pretrained(folder)
+    quality = measure_vae(shipped, settings.eval_size, settings.seed)  # what ships is measured
     quality.update(steps=first, decoder_steps=total - first, gate_psnr_db=PSNR_GATE,
                    passed=quality["psnr_db"] >= PSNR_GATE,
                    parameters=sum(p.numel() for p in vae.parameters()))
-    vae.register_to_config(scaling_factor=quality["scaling_factor"])
-    vae.save_pretrained(settings.out / "pipeline" / "vae")
+    shipped.register_to_config(scaling_factor=quality["scaling_factor"])
+    shipped.half().save_pretrained(folder)
     update_record(settings.out, "vae", quality)
     print(f"[vae] {quality}", flush=True)
-    return vae
+    return shipped.float()
