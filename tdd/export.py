@@ -154,9 +154,8 @@ def export_run(run_dir: str | Path, checkpoint: str = "last", fmt: str = "diffus
     cfg = OmegaConf.load(config_path)
     recipe = build_recipe(cfg)
     teacher = hydra.utils.instantiate(cfg.model)
-    guidance = recipe.guidance
-    dim = getattr(guidance, "embedding_dim", None) if guidance.embeds_w else None
-    student = recipe.student(unet=teacher.unet, guidance_embedding_dim=dim)
+    student = recipe.student(unet=teacher.unet,
+                             guidance_embedding_dim=recipe.guidance.condition_dim)
     data = torch.load(ckpt, map_location="cpu", weights_only=False)
     state = {k[len("student."):]: v for k, v in data["state_dict"].items()}
     unexpected = student.load_state_dict(state, strict=False).unexpected_keys

@@ -42,8 +42,7 @@ class DistillationModule(L.LightningModule):
                 f"strategy.num_train_timesteps={strategy.grid.num_train_timesteps} differs from "
                 f"the teacher scheduler's {self.schedule.num_train_timesteps}"
             )
-        embedding_dim = getattr(guidance, "embedding_dim", None) if guidance.embeds_w else None
-        self.student = student(unet=teacher.unet, guidance_embedding_dim=embedding_dim)
+        self.student = student(unet=teacher.unet, guidance_embedding_dim=guidance.condition_dim)
         self.vae, self.text = teacher.vae, teacher.text
         self.teacher_info = teacher
         self.strategy, self.guidance, self.loss_fn = strategy, guidance, loss_fn

@@ -25,6 +25,8 @@ class Guidance:
 
     #: True when the student must take ``w`` as ``timestep_cond`` (a UNet guidance projection).
     embeds_w: bool = False
+    #: Width of that ``timestep_cond`` (the UNet's ``time_cond_proj_dim``); None without one.
+    condition_dim: int | None = None
     #: Diffusers-form scales g the student is evaluated at (g = 1: the distilled guidance alone).
     inference_scales: tuple[float, ...] = (1.0,)
 

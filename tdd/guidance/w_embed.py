@@ -34,7 +34,7 @@ class WEmbedGuidance(Guidance):
         super().__init__(w_min, w_max, 0.0, uncond)
         if embedding_dim <= 0 or embedding_dim % 2:
             raise ValueError(f"guidance.embedding_dim={embedding_dim} must be positive and even")
-        self.embedding_dim = embedding_dim
+        self.embedding_dim = self.condition_dim = embedding_dim
         self.inference_scales = (1.0 + (w_min + w_max) / 2,)  # w is chosen freely at inference
 
     def student_condition(self, w):
