@@ -146,9 +146,9 @@ def build_teacher(settings: BuildSettings) -> dict:
 
 
 def save_teacher(settings, model, encoder, vae, tokenizer) -> None:
-    """The diffusers SD layout; UNet and text encoder stored in float16 (VAE stays float32)."""
+    """The diffusers SD layout, stored in float16 (the VAE files already are; lossless)."""
     teacher = Teacher(
-        unet=copy.deepcopy(model).half().eval(), vae=vae,
+        unet=copy.deepcopy(model).half().eval(), vae=copy.deepcopy(vae).half(),
         text=TextConditioner([tokenizer], [copy.deepcopy(encoder).half().eval()], 32),
         scheduler_config=dict(SD_SCHEDULER), resolution=32,
     )
