@@ -32,7 +32,7 @@ from tdd.toy.evaluator import (
 )
 from tdd.toy.vae import reconstruct
 
-DEFAULT_STEPS = 900
+DEFAULT_STEPS = 2600
 BATCH = 64
 NEGATIVES = 4
 GATES = {"real_each": 0.97, "vae_mean": 0.95, "detail_spearman": 0.9}

@@ -24,7 +24,7 @@ from tdd.toy.common import (
     update_record,
 )
 
-DEFAULT_STEPS = 2000
+DEFAULT_STEPS = 2500
 BATCH = 48
 MAX_LENGTH = 32
 CAPTION_DROPOUT = 0.1
