@@ -33,7 +33,7 @@ sweep: ## All four strategies as a Hydra multirun
 	$(PY) run.py -m strategy=tdd,lcm,tcd,pcm
 
 toy-assets: ## Rebuild the toy teacher, evaluators and quality record (resumes from .toy-work/)
-	$(PY) -m tdd.toy.build all
+	$(PY) -m tdd.toy.build all --work .toy-work --threads 2
 
 bench: ## Benchmark: step time vs its floor and the scripts' way, sampling speed, memory (JSON)
 	$(PY) -m tdd.bench
