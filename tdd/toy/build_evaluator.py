@@ -17,6 +17,7 @@ from tdd.toy.common import (
     Progress,
     cosine_lr,
     degrade,
+    descend,
     spearman,
     step_generator,
     training_batch,
@@ -158,10 +159,7 @@ def build_evaluator(settings: BuildSettings) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, total, 1e-3)
         loss = evaluator_loss(model, head, tokenizer, images, specs, step, settings, vae)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        descend(loss, optimizer, params)
         progress.update(step, loss.item())
         ckpt.maybe_save(snapshot, step + 1)
     ckpt.maybe_save(snapshot, total, force=True)

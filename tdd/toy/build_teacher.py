@@ -19,6 +19,7 @@ from tdd.toy.common import (
     Checkpointer,
     Progress,
     cosine_lr,
+    descend,
     step_generator,
     training_batch,
     update_record,
@@ -127,10 +128,7 @@ def build_teacher(settings: BuildSettings) -> dict:
             group["lr"] = cosine_lr(step, total, 5e-4)
         loss = teacher_loss(model, encoder, tokenizer, vae, schedule, images,
                             [s.caption for s in specs], step_generator(settings.seed + 404, step))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        descend(loss, optimizer, params)
         ema_unet.update(model, step)
         ema_text.update(encoder, step)
         progress.update(step, loss.item())

@@ -147,3 +147,11 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 200) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def descend(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, max_norm: float = 1.0):
+    """One optimizer step of a builder: backward, gradient-norm clip at ``max_norm``, step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()

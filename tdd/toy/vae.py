@@ -14,6 +14,7 @@ from tdd.toy.common import (
     Checkpointer,
     Progress,
     cosine_lr,
+    descend,
     psnr,
     step_generator,
     training_batch,
@@ -129,10 +130,7 @@ def build_vae(settings: BuildSettings) -> AutoencoderKL:
             group["lr"] = cosine_lr(step - phase_start, (first if phase_start == 0 else
                                                          total - first), base_lr)
         loss = loss_fn(vae, images, step_generator(settings.seed, step))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        descend(loss, optimizer, params)
         progress.update(step, loss.item())
         ckpt.maybe_save(snapshot, step + 1)
     ckpt.maybe_save(snapshot, total, force=True)
