@@ -104,18 +104,20 @@ def export_lora(student: nn.Module, directory: str | Path, fmt: str = "diffusers
 def load_trainable_state(
     student: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = "student."
 ) -> None:
-    """Load the LoRA weights of a training checkpoint's state dict into ``student``.
+    """Load a training checkpoint's trainable state (LoRA, or student/EMA UNet) into ``student``.
 
-    Checkpoints hold only trainable state, keyed ``<prefix>unet.<module>.lora_A.default.weight``;
-    every LoRA parameter of the student must be present.
+    Checkpoints hold only trainable state, keyed ``<prefix>`` + the student's
+    ``trainable_state_dict()`` keys; every one of them must be present, other entries are ignored.
     """
-    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and "lora_" in k}
-    expected = {k for k in student.state_dict() if "lora_" in k}
+    expected = set(student.trainable_state_dict())
+    own = {k[len(prefix):]: v for k, v in state.items()
+           if k.startswith(prefix) and k[len(prefix):] in expected}
     missing = sorted(expected - own.keys())
     if missing or not expected:
         raise ValueError(
-            f"checkpoint lacks {len(missing)} of the student's {len(expected)} LoRA weights "
-            f"under prefix {prefix!r} (first: {missing[:3]}); rank/alpha or targets differ?"
+            f"checkpoint lacks {len(missing)} of the student's {len(expected)} trainable "
+            f"tensors under prefix {prefix!r} (first: {missing[:3]}); rank/alpha or targets "
+            "differ?"
         )
     student.load_state_dict(own, strict=False)
 
@@ -157,10 +159,7 @@ def export_run(run_dir: str | Path, checkpoint: str = "last", fmt: str = "diffus
     student = recipe.student(unet=teacher.unet,
                              guidance_embedding_dim=recipe.guidance.condition_dim)
     data = torch.load(ckpt, map_location="cpu", weights_only=False)
-    state = {k[len("student."):]: v for k, v in data["state_dict"].items()}
-    unexpected = student.load_state_dict(state, strict=False).unexpected_keys
-    if unexpected:
-        raise KeyError(f"{ckpt} holds weights this student lacks, e.g. {unexpected[:3]}")
+    load_trainable_state(student, data["state_dict"])
     return Path(student.export(run_dir / f"export-{checkpoint}", fmt))
 
 
