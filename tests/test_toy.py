@@ -137,3 +137,34 @@ def test_shipped_assets_fit_the_budget():
     assert size <= SIZE_BUDGET_MB * 2**20
     record = json.loads((ASSETS / "quality.json").read_text())
     assert {"vae", "evaluator", "teacher"} <= set(record)
+
+
+def test_teacher_text_encoder_equals_the_evaluator_text_tower():
+    """The teacher starts from the toy CLIP's text tower: same per-token outputs and pooling."""
+    from tdd.models.tokenizer import clip_tokenizer
+    from tdd.toy.evaluator import (
+        clip_text_model,
+        create_clip,
+        open_clip_config,
+        open_clip_token_states,
+    )
+
+    torch.manual_seed(0)
+    model, _ = create_clip(open_clip_config())
+    with torch.no_grad():  # move every weight off its initial value (LayerNorms start at 1, 0)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    encoder = clip_text_model(model)
+    captions = ["a small red square at the bottom and a large purple circle at the top "
+                "on a black background", ""]
+    ids = clip_tokenizer(32)(captions, padding="max_length", max_length=32,
+                             return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = encoder(ids)[0]
+        theirs = open_clip_token_states(model, ids)
+        pooled = model.encode_text(ids)
+    assert ours.shape == (2, 32, encoder.config.hidden_size)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    eos = ids.argmax(-1)  # open_clip pools the first end-of-text token
+    assert torch.allclose(ours[torch.arange(2), eos] @ model.text_projection, pooled, atol=1e-5)
+    assert not torch.allclose(ours[0], ours[1], atol=1e-3)

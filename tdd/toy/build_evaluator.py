@@ -10,7 +10,19 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
-from tdd.data.shapes import ATTRIBUTES, SceneSpec, alternatives, reference_renders, scene_rng
+from tdd.data.shapes import (
+    ATTRIBUTES,
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    SINGLE_POSITIONS,
+    SIZES,
+    TEXTURES,
+    SceneSpec,
+    alternatives,
+    reference_renders,
+    scene_rng,
+)
 from tdd.toy.common import (
     BuildSettings,
     Checkpointer,
@@ -29,24 +41,91 @@ from tdd.toy.evaluator import (
     create_clip,
     detail_head,
     load_toy_evaluator,
+    model_input,
     open_clip_config,
+    vision_size,
 )
 from tdd.toy.vae import reconstruct
 
 DEFAULT_STEPS = 2600
 BATCH = 64
-NEGATIVES = 4
+GROUPS = 2  # attribute groups of hard negatives per image
+ATTRIBUTE_WEIGHTS = {"shape": 3, "colour": 1, "size": 1, "texture": 3, "position": 3,
+                     "background": 1}
+CAPTIONED_LEVEL = 0.3  # degradations up to this level still show every attribute
 GATES = {"real_each": 0.97, "vae_mean": 0.95, "detail_spearman": 0.9}
 
 
-def hard_negatives(specs: list[SceneSpec], rng: np.random.Generator, k: int) -> list[str]:
-    """``k`` captions per scene that each change one attribute (attribute drawn uniformly)."""
-    out = []
+def attribute_groups(specs: list[SceneSpec], rng: np.random.Generator,
+                     k: int) -> tuple[list[int], list[list[str]]]:
+    """For each scene, ``k`` attributes (drawn without replacement, the ones that need spatial
+    detail more often) and, for each, the captions of every one-attribute change: the zero-shot
+    test's own comparison. Returns the scene index of each group and its captions."""
+    weights = np.array([ATTRIBUTE_WEIGHTS[a] for a in ATTRIBUTES], dtype=float)
+    owners, groups = [], []
+    for i, spec in enumerate(specs):
+        for j in rng.choice(len(ATTRIBUTES), size=k, replace=False, p=weights / weights.sum()):
+            owners.append(i)
+            groups.append([alt.caption for alt in alternatives(spec, ATTRIBUTES[j])])
+    return owners, groups
+
+
+def group_loss(img: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, owners: list[int],
+               groups: list[list[str]], scale: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the true caption against its group of one-attribute changes."""
+    owner = torch.tensor(owners)
+    group_id = torch.tensor([g for g, group in enumerate(groups) for _ in group])
+    slot = torch.tensor([j for group in groups for j in range(len(group))])
+    sims = scale * (img[owner[group_id]] * neg).sum(-1)
+    logits = torch.full((len(groups), max(map(len, groups))), float("-inf"))
+    logits = logits.index_put((group_id, slot), sims)
+    logits = torch.cat([scale * (img[owner] * pos[owner]).sum(-1, keepdim=True), logits], 1)
+    return F.cross_entropy(logits, torch.zeros(len(groups), dtype=torch.long))
+
+
+# Auxiliary tasks that make both towers encode every object's attributes by where it is:
+# object count, single-object position, pair orientation, background, and for each spatial slot
+# (the single object, or the left/top one, then the right/bottom one) shape, colour, size and
+# texture. Linear probes on both embeddings; they steer training and are not shipped.
+_SLOT = (("shape", SHAPES), ("colour", tuple(COLOURS)), ("size", tuple(SIZES)),
+         ("texture", TEXTURES))
+TASK_CLASSES = (2, len(SINGLE_POSITIONS), 2, len(BACKGROUNDS),
+                *[len(options) for _ in range(2) for _, options in _SLOT])
+
+
+def slot_labels(specs: list[SceneSpec]) -> torch.Tensor:
+    """(B, len(TASK_CLASSES)) class indices; -100 where a task does not apply to a scene."""
+    rows = []
     for spec in specs:
-        for _ in range(k):
-            options = alternatives(spec, ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))])
-            out.append(options[int(rng.integers(len(options)))].caption)
-    return out
+        objects = list(spec.objects)
+        two = len(objects) == 2
+        if two:
+            objects.sort(key=lambda o: o.position in ("right", "bottom"))  # slot A first
+        row = [int(two),
+               -100 if two else list(SINGLE_POSITIONS).index(objects[0].position),
+               int(objects[0].position in ("top", "bottom")) if two else -100,
+               list(BACKGROUNDS).index(spec.background)]
+        for slot in range(2):
+            for name, options in _SLOT:
+                row.append(options.index(getattr(objects[slot], name))
+                           if slot < len(objects) else -100)
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+class SlotProbes(torch.nn.Module):
+    """Linear probes for :data:`TASK_CLASSES` on the image and the text embedding."""
+
+    def __init__(self, embed_dim: int):
+        super().__init__()
+        self.image = torch.nn.Linear(embed_dim, sum(TASK_CLASSES))
+        self.text = torch.nn.Linear(embed_dim, sum(TASK_CLASSES))
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        parts = logits.split(TASK_CLASSES, dim=-1)
+        return sum(F.cross_entropy(part, labels[:, k], ignore_index=-100)
+                   for k, part in enumerate(parts)) / len(TASK_CLASSES)
 
 
 def load_vae(settings: BuildSettings) -> AutoencoderKL | None:
@@ -55,42 +134,50 @@ def load_vae(settings: BuildSettings) -> AutoencoderKL | None:
 
 
 def augment(images, vae, generator):
-    """Random blur/noise (level known) and, when a VAE exists, some VAE reconstructions."""
+    """Half clean renders, a quarter degraded (blur/noise at a known level), a quarter VAE
+    reconstructions (when a VAE exists). Returns images, detail targets, which images have a
+    known detail level, and which still show their caption (clean, mild, reconstructed)."""
     b = len(images)
-    level = torch.rand(b, generator=generator)
-    level = torch.where(torch.rand(b, generator=generator) < 0.4, torch.zeros_like(level), level)
+    u = torch.rand(b, generator=generator)
+    level = torch.rand(b, generator=generator) * (u >= 0.5)
     kind = torch.randint(0, 3, (b,), generator=generator)
     out = degrade(images, level, kind, generator)
     known = torch.ones(b, dtype=torch.bool)
     if vae is not None:
-        known = torch.rand(b, generator=generator) >= 0.25
+        known = u < 0.75
         if not known.all():  # a small batch may draw no reconstruction at all
             out[~known] = reconstruct(vae, images[~known])
-    return out, 1 - level, known
+    captioned = ~known | (level <= CAPTIONED_LEVEL)
+    return out, 1 - level, known, captioned
 
 
-def evaluator_loss(model, head, tokenizer, images, specs, step, settings, vae):
+def evaluator_loss(model, head, probes, tokenizer, images, specs, step, settings, vae):
+    """Contrastive loss (in-batch + groups of one-attribute changes) on images that still show
+    their caption, plus the detail regression on images whose degradation level is known."""
     generator = step_generator(settings.seed + 202, step)
-    x, detail_target, known = augment(images, vae, generator)
-    image_emb = model.encode_image((x - 0.5) / 0.5)
-    negatives = hard_negatives(specs, scene_rng(11, settings.seed, step), NEGATIVES)
-    captions = [s.caption for s in specs] + negatives
-    text = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
-    img = F.normalize(image_emb, dim=-1)
-    scale = model.logit_scale.exp().clamp(max=100)
+    x, detail_target, known, captioned = augment(images, vae, generator)
+    image_emb = model.encode_image(model_input(x, vision_size(model)))
+    detail = F.mse_loss(head(image_emb).squeeze(-1)[known], detail_target[known])
+    keep = captioned.nonzero().squeeze(1).tolist()
+    if not keep:  # a tiny batch may draw only heavy degradations
+        return 5.0 * detail + 0.0 * sum(p.sum() for p in probes.parameters())
+    specs = [specs[i] for i in keep]
     b = len(specs)
-    pos = text[:b]
-    targets = torch.arange(b)
+    owners, groups = attribute_groups(specs, scene_rng(11, settings.seed, step), GROUPS)
+    captions = [s.caption for s in specs] + [c for group in groups for c in group]
+    text = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+    img = F.normalize(image_emb[keep], dim=-1)
+    scale = model.logit_scale.exp().clamp(max=100)
+    pos, targets = text[:b], torch.arange(b)
     logits = scale * img @ pos.T
     same = torch.tensor([[a.caption == c.caption for c in specs] for a in specs])
     logits = logits.masked_fill(same & ~torch.eye(b, dtype=torch.bool), -1e4)  # duplicates
     clip = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-    neg = text[b:].reshape(b, NEGATIVES, -1)
-    hard_logits = scale * torch.cat([(img * pos).sum(-1, keepdim=True),
-                                     torch.einsum("bd,bkd->bk", img, neg)], 1)
-    hard = F.cross_entropy(hard_logits, torch.zeros(b, dtype=torch.long))
-    detail = F.mse_loss(head(image_emb).squeeze(-1)[known], detail_target[known])
-    return clip + hard + 5.0 * detail
+    hard = group_loss(img, pos, text[b:], owners, groups, scale)
+    labels = slot_labels(specs)
+    probe = probes.loss(probes.image(image_emb[keep]), labels) + probes.loss(
+        probes.text(text[:b] * 10), labels)
+    return clip + hard + probe + 5.0 * detail
 
 
 @torch.no_grad()
@@ -134,7 +221,8 @@ def build_evaluator(settings: BuildSettings) -> dict:
     config = open_clip_config()
     model, tokenizer = create_clip(config)
     head = detail_head(config["model_cfg"]["embed_dim"])
-    params = list(model.parameters()) + list(head.parameters())
+    probes = SlotProbes(config["model_cfg"]["embed_dim"])
+    params = [*model.parameters(), *head.parameters(), *probes.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
     vae = load_vae(settings)
     ckpt = Checkpointer(settings.work_dir("evaluator"), settings.ckpt_every_s)
@@ -142,6 +230,7 @@ def build_evaluator(settings: BuildSettings) -> dict:
     if (state := ckpt.load()) is not None:
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
+        probes.load_state_dict(state["probes"])
         optimizer.load_state_dict(state["optimizer"])
         start, vae_from = state["step"], state.get("vae_from")
         print(f"[evaluator] resuming at step {start}", flush=True)
@@ -150,7 +239,8 @@ def build_evaluator(settings: BuildSettings) -> dict:
 
     def snapshot(step: int) -> dict:
         return {"model": model.state_dict(), "head": head.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step, "vae_from": vae_from}
+                "probes": probes.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "vae_from": vae_from}
 
     progress = Progress("evaluator", total, start, settings.log_every)
     model.train()
@@ -158,7 +248,7 @@ def build_evaluator(settings: BuildSettings) -> dict:
         images, specs = training_batch(settings.seed + 202, step, settings.batch_size or BATCH)
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, total, 1e-3)
-        loss = evaluator_loss(model, head, tokenizer, images, specs, step, settings, vae)
+        loss = evaluator_loss(model, head, probes, tokenizer, images, specs, step, settings, vae)
         descend(loss, optimizer, params)
         progress.update(step, loss.item())
         ckpt.maybe_save(snapshot, step + 1)

@@ -7,7 +7,7 @@ import json
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from tdd.models.conditioning import TextConditioner
 from tdd.models.teacher import Teacher
@@ -24,9 +24,11 @@ from tdd.toy.common import (
     training_batch,
     update_record,
 )
+from tdd.toy.evaluator import CHECKPOINT, clip_text_model, load_toy_evaluator
 
 DEFAULT_STEPS = 2500
 BATCH = 48
+LR = 5e-4
 MAX_LENGTH = 32
 CAPTION_DROPOUT = 0.1
 EMA_DECAY = 0.999
@@ -34,15 +36,20 @@ MIN_SNR_GAMMA = 5.0
 GATES = {"mean_attribute_accuracy": 0.90, "all_attributes": 0.60}
 
 
-def text_encoder(hidden: int = 64) -> CLIPTextModel:
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=hidden,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))
+def text_encoder(settings: BuildSettings) -> CLIPTextModel:
+    """The toy evaluator's CLIP text tower as a frozen ``CLIPTextModel``.
+
+    Stable Diffusion conditions on a contrastively trained CLIP text encoder and keeps it
+    frozen; the toy teacher does the same with the toy CLIP, built before it.
+    """
+    folder = settings.out / "evaluator"
+    if not (folder / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"{folder / CHECKPOINT} missing: build the evaluator first "
+                                "(stage 'evaluator')")
+    return clip_text_model(load_toy_evaluator(folder).model, MAX_LENGTH).requires_grad_(False)
 
 
-def unet(cross_attention_dim: int = 64) -> UNet2DConditionModel:
+def unet(cross_attention_dim: int) -> UNet2DConditionModel:
     """8x8x4 latents; attention at 8x8 and 4x4."""
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
@@ -83,7 +90,8 @@ def teacher_loss(model, encoder, tokenizer, vae, schedule, images, captions, gen
         x0 = posterior.sample(generator=generator) * vae.config.scaling_factor
     ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, truncation=True,
                     return_tensors="pt").input_ids
-    hidden = encoder(ids)[0]
+    with torch.no_grad():
+        hidden = encoder(ids)[0]
     t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
     eps = torch.randn(x0.shape, generator=generator)
     x_t = schedule.add_noise(x0, eps, t)
@@ -100,41 +108,39 @@ def build_teacher(settings: BuildSettings) -> dict:
     total = settings.steps or DEFAULT_STEPS
     vae = load_vae(settings)
     tokenizer = clip_tokenizer(MAX_LENGTH)
-    encoder, model = text_encoder(), unet()
+    encoder = text_encoder(settings)
+    model = unet(encoder.config.hidden_size)
     schedule = NoiseSchedule.from_config(SD_SCHEDULER)
-    params = list(encoder.parameters()) + list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
-    ema_unet, ema_text = EMA(model), EMA(encoder)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+    ema_unet = EMA(model)
     ckpt = Checkpointer(settings.work_dir("teacher"), settings.ckpt_every_s)
     start = 0
     if (state := ckpt.load()) is not None:
-        for module, key in ((model, "unet"), (encoder, "text"), (ema_unet.module, "ema_unet"),
-                            (ema_text.module, "ema_text"), (optimizer, "optimizer")):
+        for module, key in ((model, "unet"), (ema_unet.module, "ema_unet"),
+                            (optimizer, "optimizer")):
             module.load_state_dict(state[key])
         start = state["step"]
         print(f"[teacher] resuming at step {start}", flush=True)
 
     def snapshot(step: int) -> dict:
-        return {"unet": model.state_dict(), "text": encoder.state_dict(),
-                "ema_unet": ema_unet.module.state_dict(),
-                "ema_text": ema_text.module.state_dict(),
+        return {"unet": model.state_dict(), "ema_unet": ema_unet.module.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step}
 
     progress = Progress("teacher", total, start, settings.log_every)
-    model.train(), encoder.train()
+    model.train()
     for step in range(start, total):
         images, specs = training_batch(settings.seed + 404, step, settings.batch_size or BATCH)
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, total, 5e-4)
+            group["lr"] = cosine_lr(step, total, LR)
         loss = teacher_loss(model, encoder, tokenizer, vae, schedule, images,
                             [s.caption for s in specs], step_generator(settings.seed + 404, step))
         descend(loss, optimizer, params)
         ema_unet.update(model, step)
-        ema_text.update(encoder, step)
         progress.update(step, loss.item())
         ckpt.maybe_save(snapshot, step + 1)
     ckpt.maybe_save(snapshot, total, force=True)
-    save_teacher(settings, ema_unet.module, ema_text.module, load_vae(settings), tokenizer)
+    save_teacher(settings, ema_unet.module, encoder, load_vae(settings), tokenizer)
     from tdd.toy.measure_teacher import measure_teacher
     result = measure_teacher(settings)
     result.update(steps=total, gates=GATES)

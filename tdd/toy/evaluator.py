@@ -25,20 +25,40 @@ CHECKPOINT = "open_clip_model.safetensors"
 DETAIL_HEAD = "detail_head.safetensors"
 
 
-def open_clip_config(embed_dim: int = 128, vision_width: int = 64, text_width: int = 64,
-                     context_length: int = 24) -> dict:
-    """The evaluator's architecture in open_clip's config format (ViT on 32x32, patch 4)."""
+def open_clip_config(embed_dim: int = 128, vision_width: int = 16, text_width: int = 48,
+                     context_length: int = 32) -> dict:
+    """The evaluator's architecture in open_clip's config format.
+
+    Vision: open_clip's ModifiedResNet on renders upsampled 2x to 64x64 (its stem halves the
+    side twice before the first stage; at 32x32 small shapes lose their corners there).
+    Text: a 3-layer CLIP text transformer whose context matches the toy teacher's tokenizer, so
+    the teacher can start from it (see ``tdd.toy.build_teacher``).
+    """
     return {
         "model_cfg": {
             "embed_dim": embed_dim,
-            "vision_cfg": {"image_size": 32, "patch_size": 4, "width": vision_width,
-                           "layers": 4, "head_width": 16, "mlp_ratio": 4},
+            "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": vision_width,
+                           "head_width": 32},
             "text_cfg": {"context_length": context_length, "vocab_size": 49408,
-                         "width": text_width, "heads": 4, "layers": 2},
+                         "width": text_width, "heads": 4, "layers": 3},
         },
-        "preprocess_cfg": {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
-                           "interpolation": "bicubic", "resize_mode": "shortest"},
+        "preprocess_cfg": {"size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                           "interpolation": "bilinear", "resize_mode": "shortest"},
     }
+
+
+def vision_size(model: nn.Module) -> int:
+    """Input side of an open_clip model's vision tower (an int or an (h, w) pair there)."""
+    size = model.visual.image_size
+    return int(size if isinstance(size, int) else size[0])
+
+
+def model_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Renders in [0, 1] -> the vision tower's input: resized to ``size``, mapped to [-1, 1]."""
+    if images.shape[-1] != size:
+        images = nn.functional.interpolate(images, size=(size, size), mode="bilinear",
+                                           align_corners=False)
+    return (images - 0.5) / 0.5
 
 
 def detail_head(embed_dim: int) -> nn.Module:
@@ -62,7 +82,7 @@ class ToyEvaluator:
 
     def __init__(self, model: nn.Module, tokenizer, head: nn.Module, batch: int = 500):
         self.model, self.tokenizer, self.head = model.eval(), tokenizer, head.eval()
-        self.batch = batch
+        self.batch, self.size = batch, vision_size(model)
         self._text_cache: dict[str, torch.Tensor] = {}
 
     @property
@@ -70,7 +90,7 @@ class ToyEvaluator:
         return next(self.model.parameters()).device
 
     def _embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        out = [self.model.encode_image((c.to(self.device).float() - 0.5) / 0.5)
+        out = [self.model.encode_image(model_input(c.to(self.device).float(), self.size))
                for c in images.split(self.batch)]
         return torch.cat(out)
 
@@ -152,3 +172,53 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     root_a = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
     middle = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
     return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * middle)
+
+
+def clip_text_model(model: nn.Module, context_length: int | None = None):
+    """The text tower of an open_clip ``CLIP`` as a transformers ``CLIPTextModel``.
+
+    Same weights, same per-token outputs (after the final LayerNorm). The toy teacher starts
+    from it, as Stable Diffusion starts from a contrastively trained CLIP text encoder.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    width = model.token_embedding.embedding_dim
+    blocks = model.transformer.resblocks
+    config = CLIPTextConfig(
+        vocab_size=model.token_embedding.num_embeddings, hidden_size=width,
+        intermediate_size=blocks[0].mlp.c_fc.out_features, num_hidden_layers=len(blocks),
+        num_attention_heads=blocks[0].attn.num_heads,
+        max_position_embeddings=context_length or model.positional_embedding.shape[0],
+        projection_dim=width, hidden_act="gelu", layer_norm_eps=blocks[0].ln_1.eps,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    encoder = CLIPTextModel(config)
+    state = {
+        "embeddings.token_embedding.weight": model.token_embedding.weight,
+        "embeddings.position_embedding.weight":
+            model.positional_embedding[:config.max_position_embeddings],
+        "final_layer_norm.weight": model.ln_final.weight,
+        "final_layer_norm.bias": model.ln_final.bias,
+    }
+    for i, block in enumerate(blocks):
+        prefix = f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = getattr(block.attn, f"in_proj_{kind}").chunk(3)
+            state.update({
+                f"{prefix}self_attn.q_proj.{kind}": q, f"{prefix}self_attn.k_proj.{kind}": k,
+                f"{prefix}self_attn.v_proj.{kind}": v,
+                f"{prefix}self_attn.out_proj.{kind}": getattr(block.attn.out_proj, kind),
+                f"{prefix}layer_norm1.{kind}": getattr(block.ln_1, kind),
+                f"{prefix}layer_norm2.{kind}": getattr(block.ln_2, kind),
+                f"{prefix}mlp.fc1.{kind}": getattr(block.mlp.c_fc, kind),
+                f"{prefix}mlp.fc2.{kind}": getattr(block.mlp.c_proj, kind),
+            })
+    encoder.load_state_dict({k: v.detach().clone().float() for k, v in state.items()})
+    return encoder.eval()
+
+
+def open_clip_token_states(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Per-token outputs of an open_clip ``CLIP`` text tower (final LayerNorm, no pooling)."""
+    x = model.token_embedding(ids) + model.positional_embedding[:ids.shape[1]]
+    mask = model.attn_mask[:ids.shape[1], :ids.shape[1]]
+    return model.ln_final(model.transformer(x, attn_mask=mask))

@@ -15,8 +15,8 @@ from tdd.toy.evaluator import ToyEvaluator, frechet_distance, load_toy_evaluator
 from tdd.toy.vae import reconstruct
 
 STEPS = 25
-SEARCH_PROMPTS = 300
-GUIDANCE_SCALES = (1.0, 2.0, 3.0, 4.5, 6.0, 8.0)
+SEARCH_PROMPTS = 200
+GUIDANCE_SCALES = (1.5, 2.5, 3.5, 5.0, 7.0)
 
 
 def load_pipeline(folder) -> StableDiffusionPipeline:
