@@ -162,3 +162,26 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["timings"]["global_step"] == 2
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_shipped_defaults_are_the_toy_world(tmp_path):
+    """`python run.py` with no overrides: the toy teacher, shapes data, toy metrics, W&B+CSV."""
+    from conftest import compose_defaults
+
+    cfg = compose_defaults([], tmp_path)
+    assert cfg.model.path.endswith("assets/toy/pipeline")
+    assert cfg.data._target_ == "tdd.data.shapes.ShapesDataModule"
+    assert cfg.metrics._target_ == "tdd.metrics.toy.toy_metrics"
+    assert set(cfg.logger) == {"csv", "wandb"} and cfg.logger.wandb.offline
+    assert list(cfg.evaluation.teacher_steps) == [25, 4]  # the teacher's own 4-step row
+
+
+def test_main_job_runs_one_batch_on_the_shipped_defaults(tmp_path):
+    """The main job's composition end to end (fast_dev_run: one step, evaluation skipped)."""
+    from conftest import compose_defaults
+
+    cfg = compose_defaults(["strategy=tdd", "guidance=decoupled", "debug=fdr", "logger=csv",
+                            "data.batch_size=4"], tmp_path)
+    results = train(cfg)
+    assert torch.isfinite(torch.tensor(results["train"]["train/loss"]))
+    assert (tmp_path / "results.json").is_file()
