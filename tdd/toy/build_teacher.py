@@ -24,7 +24,7 @@ from tdd.toy.common import (
     training_batch,
     update_record,
 )
-from tdd.toy.evaluator import CHECKPOINT, clip_text_model, load_toy_evaluator
+from tdd.toy.evaluator import clip_text_model, load_toy_evaluator
 
 DEFAULT_STEPS = 2500
 BATCH = 48
@@ -42,11 +42,8 @@ def text_encoder(settings: BuildSettings) -> CLIPTextModel:
     Stable Diffusion conditions on a contrastively trained CLIP text encoder and keeps it
     frozen; the toy teacher does the same with the toy CLIP, built before it.
     """
-    folder = settings.out / "evaluator"
-    if not (folder / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"{folder / CHECKPOINT} missing: build the evaluator first "
-                                "(stage 'evaluator')")
-    return clip_text_model(load_toy_evaluator(folder).model, MAX_LENGTH).requires_grad_(False)
+    evaluator = load_toy_evaluator(settings.out / "evaluator")  # names the stage if missing
+    return clip_text_model(evaluator.model, MAX_LENGTH).requires_grad_(False)
 
 
 def unet(cross_attention_dim: int) -> UNet2DConditionModel:
