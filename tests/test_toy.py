@@ -27,6 +27,33 @@ def test_degradations_are_controlled_by_level():
     assert 0 <= noisy.min() and noisy.max() <= 1 and psnr(noisy, images).mean() < 25
 
 
+def test_vae_loss_weighs_texture_marks_above_flat_areas():
+    from tdd.data.shapes import ObjectSpec, SceneSpec, render
+    from tdd.toy.vae import detail_weight
+
+    spec = SceneSpec((ObjectSpec("circle", "red", "large", "dotted", "center"),), "white")
+    x = render([spec], [0]) * 2 - 1
+    weight = detail_weight(x)[0, 0]
+    assert weight.shape == (32, 32) and weight.min() >= 1
+    assert torch.allclose(weight[:4, :4], torch.ones(4, 4), atol=0.05)  # flat background corner
+    dark = x[0].sum(0) < x[0, :, 12:20, 12:20].sum(0).median() - 0.5  # the dots' pixels
+    assert dark.any() and weight[dark].mean() > 2
+
+
+def test_evaluator_batches_mix_clean_degraded_and_reconstructed_renders():
+    from tdd.toy.build_evaluator import MIX, augment
+    from tdd.toy.vae import vae_model
+
+    assert sum(MIX.values()) == pytest.approx(1.0)
+    images = reference_renders("val", 400)
+    out, target, known, captioned = augment(images, vae_model().eval(),
+                                            torch.Generator().manual_seed(0))
+    clean = (out == images).flatten(1).all(1)
+    assert clean.float().mean() == pytest.approx(MIX["clean"], abs=0.07)
+    assert (~known).float().mean() == pytest.approx(MIX["reconstructed"], abs=0.07)
+    assert (target[clean] > 0.8).all() and captioned[~known].all()  # a blur below 0.2 px is exact
+
+
 def test_spearman_and_psnr():
     x = torch.arange(10.0)
     assert spearman(x, x**3) == pytest.approx(1.0)

@@ -24,6 +24,10 @@ COLOURS = {
 }
 SIZES = {"small": (3.6, 4.6), "large": (6.2, 7.4)}  # radius range in pixels at 32x32
 TEXTURES = ("plain", "striped", "dotted")
+# Stripe/dot period and dot radius in pixels at 32x32. The period stays above the 4-pixel cell of
+# the teacher's 8x8 latent grid, so an autoencoder can carry a texture rather than alias it.
+TEXTURE_PERIOD = (5.2, 6.2)
+DOT_RADIUS = 1.7
 BACKGROUNDS = {"black": 0.05, "white": 0.95, "gray": 0.50}
 SINGLE_POSITIONS = {  # phrase -> centre (x, y) in units of the image side
     "top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
@@ -146,7 +150,7 @@ def _object_params(obj: ObjectSpec, two: bool, rng: np.random.Generator, res: in
     cx, cy = (c * res + rng.uniform(-jitter, jitter) for c in centres[obj.position])
     radius = rng.uniform(*SIZES[obj.size]) * res / 32
     colour = np.clip(np.array(COLOURS[obj.colour]) + rng.uniform(-0.05, 0.05, 3), 0, 1)
-    period = rng.uniform(3.6, 4.4) * res / 32
+    period = rng.uniform(*TEXTURE_PERIOD) * res / 32
     return [cx, cy, radius, math.radians(rng.uniform(-20, 20)), *colour, period,
             *rng.uniform(0, period, 2), SHAPES.index(obj.shape), TEXTURES.index(obj.texture)]
 
@@ -166,7 +170,7 @@ def _coverage(params: torch.Tensor, res: int, ss: int) -> tuple[torch.Tensor, to
     inside = shape.gather(0, p[:, 10].long().expand_as(circle)[None]).squeeze(0)
     fu, fv = torch.frac((u + p[:, 8]) / p[:, 7]), torch.frac((v + p[:, 9]) / p[:, 7])
     stripes = fu < 0.4
-    dots = ((fu - 0.5) ** 2 + (fv - 0.5) ** 2) * p[:, 7] ** 2 <= (1.1 * res / 32) ** 2
+    dots = ((fu - 0.5) ** 2 + (fv - 0.5) ** 2) * p[:, 7] ** 2 <= (DOT_RADIUS * res / 32) ** 2
     texture = torch.stack([torch.zeros_like(stripes), stripes, dots])
     marked = texture.gather(0, p[:, 11].long().expand_as(circle)[None]).squeeze(0)
     return inside.float(), marked.float()

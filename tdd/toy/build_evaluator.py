@@ -52,6 +52,7 @@ BATCH = 64
 GROUPS = 2  # attribute groups of hard negatives per image
 ATTRIBUTE_WEIGHTS = {"shape": 3, "colour": 1, "size": 1, "texture": 3, "position": 3,
                      "background": 1}
+MIX = {"clean": 0.4, "degraded": 0.25, "reconstructed": 0.35}  # shares of each training batch
 CAPTIONED_LEVEL = 0.3  # degradations up to this level still show every attribute
 GATES = {"real_each": 0.97, "vae_mean": 0.95, "detail_spearman": 0.9}
 
@@ -134,17 +135,18 @@ def load_vae(settings: BuildSettings) -> AutoencoderKL | None:
 
 
 def augment(images, vae, generator):
-    """Half clean renders, a quarter degraded (blur/noise at a known level), a quarter VAE
-    reconstructions (when a VAE exists). Returns images, detail targets, which images have a
-    known detail level, and which still show their caption (clean, mild, reconstructed)."""
+    """Clean renders, renders degraded by blur/noise at a known level, and VAE reconstructions
+    (when a VAE exists) in the shares of :data:`MIX`. Returns images, detail targets, which
+    images have a known detail level, and which still show their caption (clean, mild,
+    reconstructed)."""
     b = len(images)
     u = torch.rand(b, generator=generator)
-    level = torch.rand(b, generator=generator) * (u >= 0.5)
+    level = torch.rand(b, generator=generator) * (u >= MIX["clean"])
     kind = torch.randint(0, 3, (b,), generator=generator)
     out = degrade(images, level, kind, generator)
     known = torch.ones(b, dtype=torch.bool)
     if vae is not None:
-        known = u < 0.75
+        known = u < MIX["clean"] + MIX["degraded"]
         if not known.all():  # a small batch may draw no reconstruction at all
             out[~known] = reconstruct(vae, images[~known])
     captioned = ~known | (level <= CAPTIONED_LEVEL)

@@ -26,7 +26,7 @@ from tdd.toy.common import (
 )
 from tdd.toy.evaluator import clip_text_model, load_toy_evaluator
 
-DEFAULT_STEPS = 2500
+DEFAULT_STEPS = 3500
 BATCH = 48
 LR = 5e-4
 MAX_LENGTH = 32
