@@ -47,7 +47,7 @@ from tdd.toy.evaluator import (
 )
 from tdd.toy.vae import reconstruct
 
-DEFAULT_STEPS = 1500
+DEFAULT_STEPS = 2000
 BATCH = 64
 GROUPS = 2  # attribute groups of hard negatives per image
 ATTRIBUTE_WEIGHTS = {"shape": 3, "colour": 1, "size": 1, "texture": 3, "position": 3,
