@@ -94,6 +94,8 @@ def test_builders_write_the_layout_and_the_record(tiny_build):
                  "evaluator/open_clip_config.json", "evaluator/open_clip_model.safetensors",
                  "evaluator/detail_head.safetensors", "samples.png", "quality.json"):
         assert (out / path).exists(), path
+    tokenizer = json.loads((out / "pipeline/tokenizer/tokenizer.json").read_text())
+    assert tokenizer["padding"] is None and tokenizer["truncation"] is None  # not training's
     record = json.loads((out / "quality.json").read_text())
     assert set(record) == {"vae", "evaluator", "teacher"}
     assert record["vae"]["steps"] == 2 and not record["vae"]["passed"]

@@ -137,7 +137,10 @@ def build_teacher(settings: BuildSettings) -> dict:
         progress.update(step, loss.item())
         ckpt.maybe_save(snapshot, step + 1)
     ckpt.maybe_save(snapshot, total, force=True)
-    save_teacher(settings, ema_unet.module, encoder, load_vae(settings), tokenizer)
+    # an uncached tokenizer: the shared one keeps the padding state of the training calls and
+    # would save it into its files
+    fresh = clip_tokenizer.__wrapped__(MAX_LENGTH)
+    save_teacher(settings, ema_unet.module, encoder, load_vae(settings), fresh)
     from tdd.toy.measure_teacher import measure_teacher
     result = measure_teacher(settings)
     result.update(steps=total, gates=GATES)
