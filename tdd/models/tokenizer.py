@@ -27,6 +27,7 @@ def _byte_alphabet() -> list[str]:
     return [chr(c) for c in codes]
 
 
+@lru_cache(maxsize=None)
 def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP's BPE vocabulary and merges as open_clip ships them (ids 49406 start, 49407 end)."""
     import open_clip
@@ -40,8 +41,10 @@ def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-@lru_cache(maxsize=None)
 def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    """A CLIPTokenizer with the real CLIP vocabulary, built without network access."""
+    """A new CLIPTokenizer with the real CLIP vocabulary, built without network access.
+
+    The vocabulary is read once; each call returns its own tokenizer, since a fast tokenizer
+    keeps the padding of its last call and would save it with the model."""
     vocab, merges = clip_vocabulary()
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

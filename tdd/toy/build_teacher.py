@@ -137,13 +137,13 @@ def build_teacher(settings: BuildSettings) -> dict:
         progress.update(step, loss.item())
         ckpt.maybe_save(snapshot, step + 1)
     ckpt.maybe_save(snapshot, total, force=True)
-    # an uncached tokenizer: the shared one keeps the padding state of the training calls and
-    # would save it into its files
-    fresh = clip_tokenizer.__wrapped__(MAX_LENGTH)
-    save_teacher(settings, ema_unet.module, encoder, load_vae(settings), fresh)
+    save_teacher(settings, ema_unet.module, encoder, load_vae(settings),
+                 clip_tokenizer(MAX_LENGTH))  # a new one: no padding state from training
     from tdd.toy.measure_teacher import measure_teacher
     result = measure_teacher(settings)
-    result.update(steps=total, gates=GATES)
+    result.update(steps=total, gates=GATES, passed={
+        name: result["teacher"][key] >= GATES[name]
+        for name, key in (("mean_attribute_accuracy", "mean"), ("all_attributes", "all"))})
     update_record(settings.out, "teacher", result)
     print(f"[teacher] {json.dumps(result)}", flush=True)
     return result
