@@ -104,6 +104,7 @@ def test_builders_write_the_layout_and_the_record(tiny_build):
     teacher = record["teacher"]
     assert str(teacher["guidance_scale"]) in teacher["guidance_search"]
     assert teacher["fid_real_vs_real_noise_floor"] >= 0 and teacher["eval_prompts"] == 8
+    assert set(teacher["passed"]) == set(teacher["gates"]) and not any(teacher["passed"].values())
     by_count = teacher["teacher_by_object_count"]
     assert set(by_count) <= {"1", "2"} and by_count  # 8 prompts: at least one kind
     assert all(set(acc) == {*ATTRIBUTES, "mean", "all"} for acc in by_count.values())

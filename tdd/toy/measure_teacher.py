@@ -74,7 +74,6 @@ def sample_grid(pipe, guidance: float, path, n: int = 32, columns: int = 8) -> l
 
 def measure_teacher(settings: BuildSettings) -> dict:
     """Guidance search on a subset, then the full held-out set at the best scale."""
-    from tdd.toy.build_teacher import GATES
     t0 = time.monotonic()
     pipe = load_pipeline(settings.out / "pipeline")
     evaluator = load_toy_evaluator(settings.out / "evaluator")
@@ -105,10 +104,6 @@ def measure_teacher(settings: BuildSettings) -> dict:
         "fid_teacher_vs_real": frechet_distance(feats["teacher"], feats["real"]),
         "fid_real_vs_real_noise_floor": frechet_distance(feats["second"], feats["real"]),
         "fid_vae_vs_real_autoencoder_floor": frechet_distance(feats["recon"], feats["real"]),
-    }
-    result["passed"] = {
-        "mean_attribute_accuracy": result["teacher"]["mean"] >= GATES["mean_attribute_accuracy"],
-        "all_attributes": result["teacher"]["all"] >= GATES["all_attributes"],
     }
     result["grid_captions"] = sample_grid(pipe, best, settings.out / "samples.png", min(32, n))
     result["measure_seconds"] = round(time.monotonic() - t0, 1)
