@@ -108,9 +108,14 @@ def test_lora_with_w_embed_is_a_config_error(make_cfg):
         build_recipe(make_cfg("guidance=w_embed", "student=lora"))
 
 
-def test_resume_continues_the_same_run(make_cfg, tmp_path):
+@pytest.mark.parametrize("data", [
+    ["data=dummy", "data.size=8"],  # an epoch is 2 steps: the resume starts a new one
+    ["data=dummy", "data.size=16"],  # the resume lands mid-epoch
+    ["data=shapes", "data.val_size=4"],  # the unlimited stream
+], ids=["dummy-epoch-end", "dummy-mid-epoch", "shapes-stream"])
+def test_resume_continues_the_same_run(make_cfg, tmp_path, data):
     """Stop after 2 steps, resume to 4: the same weights as 4 uninterrupted steps."""
-    common = ["trainer=cpu", "logger=none", "data.size=8", "data.batch_size=4",
+    common = ["trainer=cpu", "logger=none", "data.batch_size=4", *data,
               "callbacks.checkpoint.every_n_train_steps=2", "student.rank=4", "student.alpha=4",
               "strategy=tcd", "trainer.deterministic=true"]
     straight = make_cfg(*common, "trainer.max_steps=4")

@@ -152,6 +152,17 @@ def test_data_module_batches_follow_the_contract():
         ShapesDataModule(batch_size=0)
 
 
+def test_data_module_resumes_the_stream_where_it_stopped():
+    fresh = iter(ShapesDataModule(batch_size=3, seed=1).train_dataloader())
+    fourth = [next(fresh) for _ in range(4)][-1]
+    resumed = ShapesDataModule(batch_size=3, seed=1)
+    resumed.load_state_dict({"batches_drawn": 3})  # what a checkpoint at step 3 records
+    again = next(iter(resumed.train_dataloader()))
+    assert again["caption"] == fourth["caption"]
+    assert torch.equal(again["pixel_values"], fourth["pixel_values"])
+    assert resumed.state_dict() == {"batches_drawn": 3}  # no trainer: what it was given
+
+
 def test_data_module_with_workers_matches_without():
     plain = next(iter(ShapesDataModule(batch_size=4, seed=3).train_dataloader()))
     workers = next(iter(ShapesDataModule(batch_size=4, seed=3, num_workers=2)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tdd.data.samplers import EpochShuffleSampler
+from tdd.data.samplers import ResumableData
 
 CAPTIONS = (
     "a large red striped circle at the top left on a black background",
@@ -33,7 +32,7 @@ class DummyImages(Dataset):
         return {"pixel_values": image, "caption": CAPTIONS[index % len(CAPTIONS)]}
 
 
-class DummyDataModule(L.LightningDataModule):
+class DummyDataModule(ResumableData):
     def __init__(
         self, batch_size: int = 4, size: int = 64, resolution: int = 32, seed: int = 0,
         num_workers: int = 0,
@@ -54,5 +53,6 @@ class DummyDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-            sampler=EpochShuffleSampler(len(self.dataset), self.dataset.seed), drop_last=True,
+            sampler=self.train_sampler(len(self.dataset), self.dataset.seed, shuffle=True),
+            drop_last=True,
         )

@@ -11,11 +11,12 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+
+from tdd.data.samplers import ResumableData
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -260,7 +261,7 @@ class HeldOutShapes(Dataset):
         return {"pixel_values": image * 2 - 1, "caption": self.specs[index].caption}
 
 
-class ShapesDataModule(L.LightningDataModule):
+class ShapesDataModule(ResumableData):
     """``data=shapes``: the unlimited training stream plus a held-out validation prompt set."""
 
     def __init__(self, batch_size: int = 32, seed: int = 0, num_workers: int = 0,
@@ -273,13 +274,15 @@ class ShapesDataModule(L.LightningDataModule):
         self.dataset = ShapesDataset(seed, length, resolution)
         self.val_dataset = HeldOutShapes("val", val_size, resolution)
 
-    def _loader(self, dataset: Dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
-                          num_workers=self.num_workers, drop_last=False,
+    def _loader(self, dataset: Dataset, sampler=None, drop_last: bool = False) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                          num_workers=self.num_workers, drop_last=drop_last,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset)
+        """The stream in order, from where a resumed run stopped."""
+        sampler = self.train_sampler(len(self.dataset), self.dataset.seed, shuffle=False)
+        return self._loader(self.dataset, sampler, drop_last=True)
 
     def evaluation_set(self, n: int) -> tuple[list[str], torch.Tensor]:
         """The first ``n`` held-out "val" prompts and their reference renders in [0, 1]."""
