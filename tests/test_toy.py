@@ -201,3 +201,27 @@ def test_teacher_text_encoder_equals_the_evaluator_text_tower():
     eos = ids.argmax(-1)  # open_clip pools the first end-of-text token
     assert torch.allclose(ours[torch.arange(2), eos] @ model.text_projection, pooled, atol=1e-5)
     assert not torch.allclose(ours[0], ours[1], atol=1e-3)
+
+
+def test_teacher_loss_trains_the_unet_and_the_text_encoder():
+    from tdd.models.tiny import SD_SCHEDULER
+    from tdd.models.tokenizer import clip_tokenizer
+    from tdd.schedule import NoiseSchedule
+    from tdd.toy.build_teacher import MAX_LENGTH, teacher_loss, unet
+    from tdd.toy.common import training_batch
+    from tdd.toy.evaluator import clip_text_model, create_clip, open_clip_config
+    from tdd.toy.vae import vae_model
+
+    torch.manual_seed(0)
+    encoder = clip_text_model(create_clip(open_clip_config())[0], MAX_LENGTH)
+    model = torch.nn.ModuleDict({"unet": unet(encoder.config.hidden_size),
+                                 "text_encoder": encoder})
+    images, specs = training_batch(0, 0, 4)
+    loss = teacher_loss(model, clip_tokenizer(MAX_LENGTH), vae_model().eval(),
+                        NoiseSchedule.from_config(SD_SCHEDULER), images,
+                        [s.caption for s in specs], torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for part in ("unet", "text_encoder"):
+        grads = [p.grad for p in model[part].parameters() if p.grad is not None]
+        assert grads and sum(g.abs().sum() for g in grads) > 0, part
