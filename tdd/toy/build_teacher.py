@@ -41,9 +41,8 @@ def text_encoder(settings: BuildSettings) -> CLIPTextModel:
     """The toy evaluator's CLIP text tower as a ``CLIPTextModel``: the teacher's starting point.
 
     Stable Diffusion conditions on a contrastively trained CLIP text encoder. The toy CLIP's
-    tower is 48 wide; fine-tuning it with the UNet (at ``TEXT_LR``) lets its per-token states
-    carry which attribute belongs to which object, which its contrastive training never asked
-    of any token but the last.
+    tower is 48 wide and its training only ever read the last token; the teacher fine-tunes it
+    with the UNet (at ``TEXT_LR``) so that every token's state is shaped for cross-attention.
     """
     evaluator = load_toy_evaluator(settings.out / "evaluator")  # names the stage if missing
     return clip_text_model(evaluator.model, MAX_LENGTH)
