@@ -225,3 +225,15 @@ def test_teacher_loss_trains_the_unet_and_the_text_encoder():
     for part in ("unet", "text_encoder"):
         grads = [p.grad for p in model[part].parameters() if p.grad is not None]
         assert grads and sum(g.abs().sum() for g in grads) > 0, part
+
+
+def test_checkpointer_refuses_a_state_of_another_architecture(tmp_path):
+    from tdd.toy.common import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, every_s=0)
+    assert ckpt.load(torch.nn.Linear(2, 2)) is None
+    ckpt.maybe_save(lambda step: {"model": torch.nn.Linear(2, 2).state_dict(), "step": step}, 5)
+    assert ckpt.load(torch.nn.Linear(2, 2))["step"] == 5
+    with pytest.raises(ValueError, match="state.pt holds a model of another architecture"):
+        ckpt.load(torch.nn.Linear(3, 2))
+    assert ckpt.load(torch.nn.Linear(2, 2))["step"] == 5  # nothing lost

@@ -229,7 +229,7 @@ def build_evaluator(settings: BuildSettings) -> dict:
     vae = load_vae(settings)
     ckpt = Checkpointer(settings.work_dir("evaluator"), settings.ckpt_every_s)
     start, vae_from = 0, None
-    if (state := ckpt.load()) is not None:
+    if (state := ckpt.load(model)) is not None:
         model.load_state_dict(state["model"])
         head.load_state_dict(state["head"])
         probes.load_state_dict(state["probes"])

@@ -120,10 +120,7 @@ def build_teacher(settings: BuildSettings) -> dict:
     ema = EMA(model)
     ckpt = Checkpointer(settings.work_dir("teacher"), settings.ckpt_every_s)
     start = 0
-    if (state := ckpt.load()) is not None:
-        if _shapes(state.get("model", {})) != _shapes(model.state_dict()):
-            raise ValueError(f"{ckpt.path} holds a teacher of another architecture: move it "
-                             "away (or pass another --work) to start afresh")
+    if (state := ckpt.load(model)) is not None:
         for module, key in ((model, "model"), (ema.module, "ema"), (optimizer, "optimizer")):
             module.load_state_dict(state[key])
         start = state["step"]
@@ -156,10 +153,6 @@ def build_teacher(settings: BuildSettings) -> dict:
     update_record(settings.out, "teacher", result)
     print(f"[teacher] {json.dumps(result)}", flush=True)
     return result
-
-
-def _shapes(state_dict: dict) -> dict:
-    return {name: tuple(value.shape) for name, value in state_dict.items()}
 
 
 def save_teacher(settings, model, encoder, vae, tokenizer) -> None:

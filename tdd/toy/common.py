@@ -103,8 +103,16 @@ class Checkpointer:
     def __init__(self, folder: Path, every_s: float):
         self.path, self.every_s, self.last = folder / "state.pt", every_s, time.monotonic()
 
-    def load(self) -> dict | None:
-        return torch.load(self.path, weights_only=False) if self.path.exists() else None
+    def load(self, model: torch.nn.Module) -> dict | None:
+        """The saved state, or None; refuses one whose ``"model"`` has other shapes than ``model``
+        (another architecture), naming the file, before anything is overwritten."""
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, weights_only=False)
+        if _shapes(state.get("model", {})) != _shapes(model.state_dict()):
+            raise ValueError(f"{self.path} holds a model of another architecture: move it away "
+                             "(or pass another --work) to start afresh")
+        return state
 
     def maybe_save(self, state_fn, step: int, force: bool = False) -> None:
         """Save ``state_fn(step)`` when ``every_s`` seconds have passed (or ``force``)."""
@@ -113,6 +121,10 @@ class Checkpointer:
             torch.save(state_fn(step), tmp)
             os.replace(tmp, self.path)
             self.last = time.monotonic()
+
+
+def _shapes(state_dict: dict) -> dict:
+    return {name: tuple(value.shape) for name, value in state_dict.items()}
 
 
 class Progress:

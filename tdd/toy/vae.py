@@ -125,7 +125,7 @@ def build_vae(settings: BuildSettings) -> AutoencoderKL:
     total = first + (settings.steps or DECODER_STEPS)
     vae = vae_model()
     ckpt = Checkpointer(settings.work_dir("vae"), settings.ckpt_every_s)
-    saved, start = ckpt.load(), 0
+    saved, start = ckpt.load(vae), 0
     if saved is not None:
         vae.load_state_dict(saved["model"])
         start = saved["step"]
