@@ -17,7 +17,7 @@ SIBLING = "sha" + "red"
 OUTSIDE = [
     re.compile(re.escape(SIBLING + "/")),
     re.compile("[\"']" + SIBLING + "[\"']"),
-    re.compile(re.escape("METHODS" + ".md")),
+    re.compile(re.escape("METH" + "ODS.md")),
 ]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
