@@ -22,7 +22,7 @@ OUTSIDE = [
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
-METHODS_PAGE = ROOT / "docs" / "methods.md"
+DOC_PAGE = ROOT / "docs" / "methods.md"
 
 
 def text_files() -> list[Path]:
@@ -51,7 +51,7 @@ def relative_links(markdown: str) -> list[str]:
 
 def test_nothing_points_outside_the_repository():
     files = text_files()
-    assert ROOT / "README.md" in files and METHODS_PAGE in files
+    assert ROOT / "README.md" in files and DOC_PAGE in files
     assert any(p.suffix == ".py" for p in files) and any(p.suffix == ".yaml" for p in files)
     hits = [
         f"{path.relative_to(ROOT)}:{number}: {line.strip()[:80]}"
@@ -76,12 +76,12 @@ def test_every_relative_link_points_to_a_file_in_the_repository(markdown):
 def test_the_readme_and_the_methods_doc_link_each_other_and_the_code():
     readme_links = relative_links((ROOT / "README.md").read_text())
     assert "docs/methods.md" in readme_links
-    methods_links = relative_links(METHODS_PAGE.read_text())
+    methods_links = relative_links(DOC_PAGE.read_text())
     assert len([link for link in methods_links if link.endswith(".py")]) >= 15
 
 
 def test_code_paths_named_in_the_methods_doc_exist():
-    named = {token.strip("`") for token in INLINE_CODE.findall(METHODS_PAGE.read_text())}
+    named = {token.strip("`") for token in INLINE_CODE.findall(DOC_PAGE.read_text())}
     paths = [t for t in named if re.fullmatch(r"(tdd|conf|tests|docs|experiments)/[\w./-]*", t)]
     assert len(paths) >= 5
     missing = [p for p in sorted(paths) if not (ROOT / p).exists()]
@@ -89,7 +89,7 @@ def test_code_paths_named_in_the_methods_doc_exist():
 
 
 def test_cited_sections_of_the_methods_doc_exist():
-    headings = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", METHODS_PAGE.read_text(), re.M))
+    headings = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", DOC_PAGE.read_text(), re.M))
     number = r"(\d+(?:\.\d+)?)"
     cite = re.compile(rf"docs/methods\.md,?(?: sections?)? {number}(?: and {number})?")
     cited = {}
