@@ -100,3 +100,48 @@ def test_cited_sections_of_the_methods_doc_exist():
     assert {"0", "1.1", "2", "3", "4"} <= set(cited)
     unknown = {n: files for n, files in cited.items() if n not in headings}
     assert not unknown, f"cited sections missing from docs/methods.md: {unknown}"
+
+
+def paragraph(lead: str) -> str:
+    """The docs/methods.md paragraph (or list item) that starts with ``lead``, on one line."""
+    for block in re.split(r"\n\s*\n|\n(?=- )", DOC_PAGE.read_text()):
+        text = " ".join(block.split())
+        if text.lstrip("- ").startswith(lead):
+            return text
+    raise AssertionError(f"docs/methods.md has no paragraph starting with {lead!r}")
+
+
+def numbers(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r"\d+", text)]
+
+
+def test_the_timestep_tables_of_the_methods_doc_are_what_the_code_computes():
+    from tdd.sampling import PCMSampler
+    from tdd.schedule import DistillationGrid
+    from tdd.schedulers import TDDScheduler
+    from tdd.strategies import PCMTarget, TDDTarget
+
+    candidates = re.findall(r"N = (\d+): \{([^}]*)\}", paragraph("**Candidate set M**"))
+    assert [n for n, _ in candidates] == ["250", "50"]
+    for n, values in candidates:
+        assert numbers(values) == TDDTarget(num_ddim_timesteps=int(n)).candidates.tolist()
+
+    grid = re.findall(r"N = (\d+), K = (\d+): ([\d, ]+\d)", paragraph("**Grid timesteps.**"))
+    assert len(grid) == 3
+    for n, k, values in grid:
+        assert numbers(values) == DistillationGrid(1000, int(n)).schedule(int(k)).tolist()
+
+    pcm = re.search(r"N = 50, M = 4: edge indices ([\d, ]+\d) and edge timesteps ([\d, ]+\d)",
+                    paragraph("**PCM.**"))
+    target = PCMTarget(1000, 50, num_phases=4)
+    assert numbers(pcm.group(1)) == target.edge_indices.tolist()
+    assert numbers(pcm.group(2)) == target.edge_timesteps.tolist()
+    sampler = re.search(r"N = 50, K = 4: ([\d, ]+\d) ->", paragraph("**PCM sampler**"))
+    assert numbers(sampler.group(1)) == PCMSampler(50).timesteps(4)
+
+    published = re.findall(r"K = (\d+): ([\d, ]+\d)", paragraph("**Non-equidistant schedules**"))
+    assert [k for k, _ in published] == ["5", "6", "7"]
+    scheduler = TDDScheduler(tdd_train_step=250, special_jump=True)
+    for k, values in published:
+        scheduler.set_timesteps(int(k))
+        assert numbers(values) == scheduler.timesteps.tolist()
