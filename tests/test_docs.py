@@ -146,3 +146,20 @@ def test_the_timestep_tables_of_the_methods_doc_are_what_the_code_computes():
     for k, values in published:
         scheduler.set_timesteps(int(k))
         assert numbers(values) == scheduler.timesteps.tolist()
+
+
+def test_the_recipe_deviation_table_matches_the_composed_configs(tmp_path):
+    from conftest import compose_defaults
+    from omegaconf import OmegaConf
+
+    rows = re.findall(r"^\s*\| `(\w+)` \| `([\w.]+)` \| ([^|]+) \| ([^|]+) \|$",
+                      DOC_PAGE.read_text(), re.M)
+    assert len(rows) >= 1
+    composed = {}
+    for recipe, setting, published, configured in rows:
+        if recipe not in composed:
+            composed[recipe] = compose_defaults([f"experiment={recipe}"], tmp_path)
+        value = OmegaConf.select(composed[recipe], setting)
+        assert value == pytest.approx(float(configured)), (recipe, setting, value)
+        first = re.match(r"[\d.e+-]+", published.strip())
+        assert first and float(first.group()) != value, f"{recipe} {setting}: no deviation"
