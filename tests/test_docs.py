@@ -163,3 +163,16 @@ def test_the_recipe_deviation_table_matches_the_composed_configs(tmp_path):
         assert value == pytest.approx(float(configured)), (recipe, setting, value)
         first = re.match(r"[\d.e+-]+", published.strip())
         assert first and float(first.group()) != value, f"{recipe} {setting}: no deviation"
+
+
+def test_the_lora_init_deviation_is_stated_exactly_when_the_code_has_it():
+    import inspect
+
+    from tdd.models.students import LoRAStudent
+
+    deviations = DOC_PAGE.read_text().split("## 7.")[1].split("\n## ")[0]
+    passed = re.search(r"init_lora_weights=([^,)\s]+)", inspect.getsource(LoRAStudent))
+    if passed is None or passed.group(1) == "True":  # PEFT's default, as the scripts
+        assert "LoRA initialisation" not in deviations
+    else:
+        assert f"`init_lora_weights={passed.group(1)}`" in deviations
