@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,16 +59,26 @@ class Evaluation(L.Callback):
         every_n_steps: int = 0,
         grid_images: int = 16,
     ):
-        if num_images < 2:
-            raise ValueError(f"evaluation.num_images={num_images}: FID needs at least 2 images")
-        if any(eta is not None and not hasattr(sampler, "eta") for eta in etas):
-            raise ValueError(f"evaluation.etas: {type(sampler).__name__} has no eta to vary")
         self.sampler, self.metrics = sampler, metrics
-        self.steps, self.guidance_scales, self.etas = list(steps), guidance_scales, list(etas)
-        self.teacher_steps = list(teacher_steps)
-        self.teacher_guidance_scale = teacher_guidance_scale
-        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
-        self.every_n_steps, self.grid_images = every_n_steps, grid_images
+        self.steps = _counts(steps, "evaluation.steps", high=sampler.num_ddim_timesteps,
+                             high_name=f"the sampler's grid (num_ddim_timesteps="
+                                       f"{sampler.num_ddim_timesteps})")
+        self.teacher_steps = _counts(teacher_steps, "evaluation.teacher_steps", empty_ok=True,
+                                     high=1000, high_name="the teacher's 1000 timesteps")
+        self.guidance_scales = None if guidance_scales is None else [
+            _scale(g, "evaluation.guidance_scales")
+            for g in _sequence(guidance_scales, "evaluation.guidance_scales")]
+        self.teacher_guidance_scale = None if teacher_guidance_scale is None else _scale(
+            teacher_guidance_scale, "evaluation.teacher_guidance_scale")
+        self.etas = [_eta(eta) for eta in _sequence(etas, "evaluation.etas")]
+        if any(eta is not None and not hasattr(sampler, "eta") for eta in self.etas):
+            raise ValueError(f"evaluation.etas: {type(sampler).__name__} has no eta to vary")
+        self.num_images = _integer(num_images, "evaluation.num_images", 2, "FID needs 2 images")
+        self.batch_size = _integer(batch_size, "evaluation.batch_size", 1)
+        self.seed = _integer(seed, "evaluation.seed", 0)
+        self.every_n_steps = _integer(every_n_steps, "evaluation.every_n_steps", 0,
+                                      "0 = only at the end")
+        self.grid_images = _integer(grid_images, "evaluation.grid_images", 1)
         self.results: dict = {}
         self._prompts: list[str] | None = None
 
@@ -146,6 +158,48 @@ class Evaluation(L.Callback):
                    eta=setting.eta if setting.eta is not None else getattr(sampler, "eta", None),
                    teacher=setting.teacher, grid=str(grid))
         return row
+
+
+def _sequence(values, setting: str) -> list:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{setting}={values!r} must be a list")
+    return list(values)
+
+
+def _integer(value, setting: str, low: int, why: str = "") -> int:
+    """``value`` as an int >= ``low``, else a ValueError naming ``setting``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"{setting}={value!r} must be an integer >= {low}{reason}")
+    return int(value)
+
+
+def _counts(values, setting: str, high: int, high_name: str, empty_ok: bool = False):
+    """Step counts: a list of integers in [1, high]."""
+    values = _sequence(values, setting)
+    if not values and not empty_ok:
+        raise ValueError(f"{setting} is empty: give at least one step count")
+    for value in values:
+        _integer(value, f"{setting}={values}: step count", 1)
+        if value > high:
+            raise ValueError(f"{setting}={values}: {value} steps exceed {high_name}")
+    return [int(v) for v in values]
+
+
+def _scale(value, setting: str) -> float:
+    """A diffusers-form guidance scale: a finite number >= 0 (1 = no CFG)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{setting}: guidance scale {value!r} must be a finite number >= 0")
+    return float(value)
+
+
+def _eta(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"evaluation.etas: eta {value!r} must lie in [0, 1] (or null)")
+    return float(value)
 
 
 def summary_table(rows: dict[str, dict]) -> str:
