@@ -143,7 +143,7 @@ class Evaluation(L.Callback):
         with Stopwatch(module.device) as watch:
             result = generate(unet, module.teacher_info, sampler, self._prompts, self._seeds,
                               setting.steps, setting.guidance_scale, self.batch_size,
-                              progress=True)
+                              progress=True, uncond=module.guidance.uncond)
         if setting.teacher and setting.steps == self.teacher_steps[0]:
             self.metrics.set_reference("teacher", result.images.to(module.device))
         references = ["real"] if setting.teacher else None
