@@ -72,6 +72,9 @@ def test_coco_layout_one_seeded_caption_per_image(tmp_path):
     assert all(f"photo {p.name[-5]}" in q for p, q in zip(subset.images, subset.prompts))
     others = [load_evaluation_set(path, 4, seed=s).images for s in range(1, 6)]
     assert any(images != subset.images for images in others)
+    (tmp_path / "val2014" / "COCO_val2014_000000000003.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="evaluation.dataset: 1 reference images"):
+        load_evaluation_set(path, 6)
 
 
 def test_folder_with_captions_and_metadata(tmp_path):

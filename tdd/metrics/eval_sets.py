@@ -61,6 +61,10 @@ def load_evaluation_set(source: str | Path, num_images: int, seed: int = 0) -> E
     keep = _subset(len(prompts), num_images, seed)
     prompts = [prompts[k] for k in keep]
     images = None if images is None else [images[k] for k in keep]
+    missing = [image for image in images or [] if not image.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{SETTING}: {len(missing)} reference images of {path} are "
+                                f"missing, e.g. {missing[0]}")
     return EvaluationSet(prompts, images, str(path))
 
 
