@@ -1,4 +1,4 @@
-"""The published recipes (conf/experiment) as METHODS.md section 4 states them, the LoRA
+"""The published recipes (conf/experiment) as docs/methods.md section 4 states them, the LoRA
 initialisation of the released scripts, and CFG at inference with the training's uncond."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tdd.models.students import LoRAStudent
 from tdd.models.tiny import build_tiny
 from tdd.sampling import DDIMSampler, generate
 
-# METHODS.md section 4 (corrected 2026-12-01). w in the LCM form; global batch = per-device
+# docs/methods.md section 4 (corrected 2026-12-01). w in the LCM form; global batch = per-device
 # batch x devices x accumulation. lcm_full_sd15 is not in that table: diffusers' full-model
 # LCM example (lr 1e-6, the "full-model value" the table mentions; weight decay 0; 12 per GPU).
 RECIPES = {

@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from torch import nn
 
-#: METHODS.md section 4: the LoRA target modules of every published recipe.
+#: docs/methods.md section 4: the LoRA target modules of every published recipe.
 LORA_TARGET_MODULES = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
