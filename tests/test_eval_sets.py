@@ -219,3 +219,18 @@ def test_prompts_only_set_scores_without_fid_against_real_images(make_cfg, tmp_p
     assert not (tmp_path / "cache").exists()
     table = summary_table(rows)
     assert "n/a" in table and f"fid: {NO_REFERENCE}" in table
+
+
+def test_tables_show_a_metric_that_was_not_computed_as_n_a():
+    from tdd.tables import table
+
+    config = {"strategy": {"_target_": "tdd.strategies.TDDTarget"},
+              "guidance": {"_target_": "tdd.guidance.DecoupledGuidance"},
+              "student": {"_target_": "tdd.models.students.LoRAStudent"}}
+    parti = {"4": {"steps": 4, "guidance_scale": 1.0, "fid": NO_REFERENCE, "clip": 30.0}}
+    coco = {"4": {"steps": 4, "guidance_scale": 1.0, "fid": 12.5, "clip": 29.0}}
+    text = table([{"config": config, "metrics": parti}, {"config": config, "metrics": coco}])
+    assert "| tdd/decoupled/lora | n/a |" in text and "| tdd/decoupled/lora | 12.500 |" in text
+    assert "30.000" in table([{"config": config, "metrics": parti}], "clip")
+    with pytest.raises(ValueError, match="no evaluated metric 'fid'"):
+        table([{"config": config, "metrics": parti}], "fid")
