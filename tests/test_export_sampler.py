@@ -20,7 +20,7 @@ from tdd.sampling import generate
 
 PROMPTS = ["a red striped circle", "a blue square at the top left"]
 SEEDS = [5, 11]
-STEPS = [3]  # one step count per strategy keeps this fast; the calls record each
+STEPS = [3]  # one step count keeps this fast; every evaluated count is recorded alike
 
 
 @pytest.fixture(scope="module")
