@@ -132,7 +132,7 @@ def run(model: str, batch_size: int, repeats: int, images: int, device: str) -> 
     report = {"device": str(device), "model": model, "batch_size": batch_size, "steps": {}}
     for name in STRATEGIES:
         module, optimizer = build(teacher_factory, name, device, 250 if name == "tdd" else 50)
-        resolution = module.teacher_info.resolution
+        resolution = module.teacher.resolution
         batch = {"pixel_values": torch.rand(batch_size, 3, resolution, resolution,
                                             generator=generator).to(device) * 2 - 1,
                  "caption": ["a red striped circle at the top left"] * batch_size}
@@ -149,7 +149,7 @@ def run(model: str, batch_size: int, repeats: int, images: int, device: str) -> 
     prompts = ["a red striped circle at the top left"] * images
     seeds = list(range(images))
     unet = module.student.sampling_unet
-    sample = partial(generate, teacher=module.teacher_info, prompts=prompts, seeds=seeds)
+    sample = partial(generate, pipeline=module.teacher, prompts=prompts, seeds=seeds)
 
     def teacher_sample():
         with module.student.as_teacher() as teacher_unet:

@@ -129,7 +129,7 @@ class Evaluation(L.Callback):
 
     def _score(self, unet, sampler, setting: Setting, module, output: Path) -> dict:
         with Stopwatch(module.device) as watch:
-            result = generate(unet, module.teacher_info, sampler, self._prompts, self._seeds,
+            result = generate(unet, module.teacher, sampler, self._prompts, self._seeds,
                               setting.steps, setting.guidance_scale, self.batch_size,
                               progress=True)
         if setting.teacher and setting.steps == self.teacher_steps[0]:
