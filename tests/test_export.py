@@ -14,7 +14,8 @@ from safetensors import safe_open
 
 from tdd.export import export_lora, export_lora_from_checkpoint, load_trainable_state
 from tdd.models.students import LoRAStudent
-from tdd.models.tiny import build_tiny, save_pipeline
+from tdd.models.teacher import save_pipeline
+from tdd.models.tiny import build_tiny
 from tdd.sampling import TDDSampler, generate
 from tdd.schedulers import TDDScheduler
 

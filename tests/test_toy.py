@@ -204,9 +204,8 @@ def test_teacher_text_encoder_equals_the_evaluator_text_tower():
 
 
 def test_teacher_loss_trains_the_unet_and_the_text_encoder():
-    from tdd.models.tiny import SD_SCHEDULER
     from tdd.models.tokenizer import clip_tokenizer
-    from tdd.schedule import NoiseSchedule
+    from tdd.schedule import SD_SCHEDULER, NoiseSchedule
     from tdd.toy.build_teacher import MAX_LENGTH, teacher_loss, unet
     from tdd.toy.common import training_batch
     from tdd.toy.evaluator import clip_text_model, create_clip, open_clip_config

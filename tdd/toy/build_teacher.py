@@ -10,10 +10,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from tdd.models.conditioning import TextConditioner
-from tdd.models.teacher import Teacher
-from tdd.models.tiny import SD_SCHEDULER, save_pipeline
+from tdd.models.teacher import Teacher, save_pipeline
 from tdd.models.tokenizer import clip_tokenizer
-from tdd.schedule import NoiseSchedule
+from tdd.schedule import SD_SCHEDULER, NoiseSchedule
 from tdd.toy.common import (
     BuildSettings,
     Checkpointer,
