@@ -9,7 +9,6 @@ import torch
 
 from tdd.data.shapes import ATTRIBUTES, eval_scenes, reference_renders
 from tdd.toy.common import ASSETS, degrade, gaussian_blur, psnr, spearman
-from tdd.toy.evaluator import frechet_distance
 
 SIZE_BUDGET_MB = 25
 
@@ -61,17 +60,6 @@ def test_spearman_and_psnr():
     assert spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 2.0, 3.0])) < 1
     a = torch.zeros(2, 3, 4, 4)
     assert psnr(a + 0.1, a) == pytest.approx(torch.full((2,), 20.0), abs=1e-4)
-
-
-def test_frechet_distance():
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(4000, 3, generator=g)
-    b = torch.randn(4000, 3, generator=g)
-    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
-    assert frechet_distance(a, b) < 0.05
-    shift = torch.tensor([2.0, 0.0, 0.0])
-    assert frechet_distance(a, b + shift) == pytest.approx(4.0, abs=0.2)
-    assert frechet_distance(a, 2 * b) == pytest.approx(3.0, abs=0.3)  # 3 * (2 - 1)^2
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +122,7 @@ def test_built_pipeline_loads_as_stable_diffusion(tiny_build):
 def test_built_evaluator_interfaces(tiny_build):
     import open_clip
 
-    from tdd.toy.evaluator import load_toy_evaluator
+    from tdd.metrics.toy import load_toy_evaluator
 
     folder = tiny_build[0] / "out" / "evaluator"
     evaluator = load_toy_evaluator(folder)
@@ -172,15 +160,17 @@ def test_shipped_assets_fit_the_budget():
     assert {"vae", "evaluator", "teacher"} <= set(record)
 
 
+def open_clip_token_states(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Per-token outputs of an open_clip ``CLIP`` text tower (final LayerNorm, no pooling)."""
+    x = model.token_embedding(ids) + model.positional_embedding[:ids.shape[1]]
+    mask = model.attn_mask[:ids.shape[1], :ids.shape[1]]
+    return model.ln_final(model.transformer(x, attn_mask=mask))
+
+
 def test_teacher_text_encoder_equals_the_evaluator_text_tower():
     """The teacher starts from the toy CLIP's text tower: same per-token outputs and pooling."""
     from tdd.models.tokenizer import clip_tokenizer
-    from tdd.toy.evaluator import (
-        clip_text_model,
-        create_clip,
-        open_clip_config,
-        open_clip_token_states,
-    )
+    from tdd.toy.clip import clip_text_model, create_clip, open_clip_config
 
     torch.manual_seed(0)
     model, _ = create_clip(open_clip_config())
@@ -207,8 +197,8 @@ def test_teacher_loss_trains_the_unet_and_the_text_encoder():
     from tdd.models.tokenizer import clip_tokenizer
     from tdd.schedule import SD_SCHEDULER, NoiseSchedule
     from tdd.toy.build_teacher import MAX_LENGTH, teacher_loss, unet
+    from tdd.toy.clip import clip_text_model, create_clip, open_clip_config
     from tdd.toy.common import training_batch
-    from tdd.toy.evaluator import clip_text_model, create_clip, open_clip_config
     from tdd.toy.vae import vae_model
 
     torch.manual_seed(0)
