@@ -12,6 +12,7 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from torch import nn
 
+from tdd.export import export_lora
 from tdd.models.ema import ema_update
 
 #: METHODS.md section 4: the LoRA target modules of every published recipe.
@@ -117,8 +118,6 @@ class LoRAStudent(Student):
             yield self.unet
 
     def export(self, directory, fmt: str = "diffusers"):
-        from tdd.export import export_lora
-
         return export_lora(self, directory, fmt)
 
     @torch.no_grad()
