@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from tdd.data.shapes import ATTRIBUTES, eval_scenes, reference_renders
+from tdd.metrics.fid import FIDScorer
+from tdd.metrics.toy import load_toy_evaluator
 from tdd.toy.common import ASSETS, degrade, gaussian_blur, psnr, spearman
 
 SIZE_BUDGET_MB = 25
@@ -92,6 +94,10 @@ def test_builders_write_the_layout_and_the_record(tiny_build):
     teacher = record["teacher"]
     assert str(teacher["guidance_scale"]) in teacher["guidance_search"]
     assert teacher["fid_real_vs_real_noise_floor"] >= 0 and teacher["eval_prompts"] == 8
+    fid = FIDScorer(load_toy_evaluator(out / "evaluator").features)  # the runs' FID
+    fid.set_reference(reference_renders("val", 8))
+    runs = fid.score(reference_renders("val", 8, variant=1))
+    assert teacher["fid_real_vs_real_noise_floor"] == pytest.approx(runs, rel=1e-5)
     assert set(teacher["passed"]) == set(teacher["gates"]) and not any(teacher["passed"].values())
     by_count = teacher["teacher_by_object_count"]
     assert set(by_count) <= {"1", "2"} and by_count  # 8 prompts: at least one kind
@@ -121,8 +127,6 @@ def test_built_pipeline_loads_as_stable_diffusion(tiny_build):
 
 def test_built_evaluator_interfaces(tiny_build):
     import open_clip
-
-    from tdd.metrics.toy import load_toy_evaluator
 
     folder = tiny_build[0] / "out" / "evaluator"
     evaluator = load_toy_evaluator(folder)
