@@ -63,7 +63,7 @@ def _save_diffusers(unet: nn.Module, path: Path) -> None:
 
     # PEFT key names (lora_A / lora_B), which load_lora_weights reads natively. diffusers'
     # convert_state_dict_to_diffusers renames only the attention projections, so on the
-    # resnet / conv targets of METHODS.md it writes a mixed file whose attention LoRA the
+    # resnet / conv targets of docs/methods.md it writes a mixed file whose attention LoRA the
     # loader then silently drops.
     StableDiffusionPipeline.save_lora_weights(
         path.parent, unet_lora_layers=_peft_state(unet),

@@ -1,9 +1,9 @@
 """Few-step sampling of distilled students: one code path for evaluation and users.
 
 A :class:`Sampler` turns the teacher's scheduler config into the diffusers scheduler of one
-method (METHODS.md section 3); :func:`generate` runs any sampler on any student. Every image has
-its own ``torch.Generator`` (seeded by its seed) for its initial latent and for every step's
-noise, so image k is the same whatever the batch size or the other prompts in its batch.
+method (docs/methods.md section 3); :func:`generate` runs any sampler on any student. Every
+image has its own ``torch.Generator`` (seeded by its seed) for its initial latent and for every
+step's noise, so image k is the same whatever the batch size or the other prompts in its batch.
 """
 
 from __future__ import annotations

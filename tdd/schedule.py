@@ -1,5 +1,5 @@
-"""The VP noise schedule, the distillation grid and the timesteps drawn from it (METHODS.md
-sections 0, 1 and 3)."""
+"""The VP noise schedule, the distillation grid and the timesteps drawn from it
+(docs/methods.md sections 0, 1 and 3)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class DistillationGrid:
         return self.timesteps.flip(0)[torch.from_numpy(positions)]
 
     def tdd_candidates(self, k_min: int, k_max: int) -> torch.Tensor:
-        """TDD's candidate set M (METHODS.md 1.1): the union of the k-step schedules for k in
+        """TDD's candidate set M (docs/methods.md 1.1): the union of the k-step schedules for k in
         [k_min, k_max], sorted, with 0 prepended and the largest (the grid top) dropped."""
         if not 1 <= k_min <= k_max <= self.size:
             raise ValueError(f"need 1 <= k_min ({k_min}) <= k_max ({k_max}) <= "

@@ -15,7 +15,7 @@ from torch import nn
 from tdd.export import export_lora
 from tdd.models.ema import ema_update
 
-#: METHODS.md section 4: the LoRA target modules of every published recipe.
+#: docs/methods.md section 4: the LoRA target modules of every published recipe.
 LORA_TARGET_MODULES = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
