@@ -82,6 +82,8 @@ class LoRAStudent(Student):
     """peft LoRA adapters on the teacher UNet; the teacher is the same UNet with adapters off.
 
     Only one UNet is in memory. The target network is the online student under no-grad.
+    ``init_lora_weights=True`` is PEFT's default (Kaiming-uniform A, zero B), as every released
+    script starts; any other PEFT option (e.g. ``"gaussian"``) is passed through.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class LoRAStudent(Student):
         alpha: float = 64,
         target_modules: tuple[str, ...] | list[str] = LORA_TARGET_MODULES,
         guidance_embedding_dim: int | None = None,
+        init_lora_weights: bool | str = True,
     ):
         super().__init__()
         self.check_guidance_embedding(guidance_embedding_dim)
@@ -100,7 +103,7 @@ class LoRAStudent(Student):
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=list(target_modules),
-            init_lora_weights="gaussian",
+            init_lora_weights=init_lora_weights,
         ))
         self.unet = unet
 
