@@ -99,9 +99,9 @@ class FolderDataset(Dataset):
                 items.append({**self[key], "_seen": 1, "_skipped": []})
             except BadSample as bad:
                 skipped.append((bad.reason, bad.path))
-        if not items:  # a batch of bad files only: the next good file in path order stands in
-            items.append({**self.first_good(keys[-1]), "_seen": 0, "_skipped": []})
-        fillers = [{**items[k % len(items)], "_seen": 1, "_skipped": [entry]}
+        # a batch of bad files only: the next good file in path order stands in
+        good = items or [self.first_good(keys[-1])]
+        fillers = [{**good[k % len(good)], "_seen": 1, "_skipped": [entry]}
                    for k, entry in enumerate(skipped)]
         return items + fillers
 
