@@ -179,7 +179,8 @@ def test_experiment_smoke_run(tmp_path, experiment):
     make_folder(tmp_path / "data", good=24)
     accumulate = min(int(recipe.trainer.get("accumulate_grad_batches", 1)), 2)
     cfg = compose_defaults([
-        f"experiment={experiment}", "model=tiny", "logger=csv", f"model.sdxl={recipe.model.dual_text_encoder}",
+        f"experiment={experiment}", "logger=csv",
+        "model=tiny", f"model.sdxl={recipe.model.dual_text_encoder}",
         "data=folder", f"data.root={tmp_path / 'data'}", "data.num_workers=0",
         "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true",
         "++trainer.strategy=auto", "trainer.max_steps=2",

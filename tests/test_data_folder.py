@@ -1,12 +1,15 @@
 """data=folder: exact seeded order, bad files skipped and counted, rank split, resume, runs."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_data import make_folder
+from torch.utils.data import DistributedSampler
+
 from run import train
 from tdd.data.folder import FolderDataModule
 from tdd.data.samplers import EpochShuffleSampler
@@ -103,7 +106,9 @@ def test_ranks_draw_disjoint_shares_and_resume_mid_epoch(tmp_path):
     ranks = [list(EpochShuffleSampler(11, seed=5, rank=r, world_size=2)) for r in (0, 1)]
     assert ranks == [order[0:10:2], order[1:10:2]]  # 5 each, the odd one left out
     make_folder(tmp_path, good=12, bad=False)
-    fresh = drain(FolderDataModule(str(tmp_path), batch_size=2, resolution=RES, seed=4))
+    dm = FolderDataModule(str(tmp_path), batch_size=2, resolution=RES, seed=4)
+    assert isinstance(dm.train_dataloader().sampler, DistributedSampler)  # Lightning keeps it
+    fresh = drain(dm)
     resumed = FolderDataModule(str(tmp_path), batch_size=2, resolution=RES, seed=4)
     resumed.load_state_dict({"batches_drawn": 4})  # a checkpoint after 4 steps
     assert drain(resumed) == fresh[8:]
@@ -155,3 +160,18 @@ def test_a_run_resumed_mid_epoch_continues_with_the_same_samples(make_cfg, tmp_p
 
     a, b = weights(straight), weights(second)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_share_the_folder_and_report_both(tmp_path):
+    """trainer=ddp_sim (two gloo processes): Lightning keeps the rank-split sampler (no
+    DistributedSamplerWrapper) and results.json counts both ranks' samples."""
+    make_folder(tmp_path / "data", good=12, bad=False)
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "run.py", "debug=default", "trainer=ddp_sim", "logger=none",
+               "model=tiny", "metrics=none", "data=folder", f"data.root={tmp_path / 'data'}",
+               "data.num_workers=0", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["data"] == {"seen": 2 * 2 * 2, "skipped": {}}  # steps x batch x ranks

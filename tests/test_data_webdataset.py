@@ -7,8 +7,8 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
-
 from helpers_data import bad_samples, shard_samples, write_shard
+
 from run import train
 from tdd.data.webdataset import WebDataModule
 

@@ -6,9 +6,9 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
-
 from helpers_data import image_bytes, truncated_jpeg
+from PIL import Image
+
 from tdd.data.report import BadSample
 from tdd.data.transforms import ImageTransform, decode_caption, decode_image, sample_generator
 

@@ -76,6 +76,7 @@ class ResumableData(L.LightningDataModule):
 
     batch_size: int
     _batches_drawn = 0
+    _totals: DataReport | None = None  # every rank's counts, summed at the end of a fit
 
     def __init__(self, max_bad_fraction: float = 0.5, min_size: int = 0):
         super().__init__()
@@ -109,9 +110,15 @@ class ResumableData(L.LightningDataModule):
                     logger.log_metrics(self.data_report.metrics(), step=trainer.global_step)
         return batch
 
+    def teardown(self, stage: str) -> None:
+        """At the normal end of a fit, on every rank: sum the ranks' counts (a collective)."""
+        trainer = self.trainer
+        if stage == "fit" and trainer is not None and trainer.state.status == "running":
+            self._totals = self.data_report.gathered()
+
     def report(self) -> dict:
-        """``{"seen": n, "skipped": {reason: n}}`` over every rank (when distributed)."""
-        return self.data_report.gathered().summary()
+        """``{"seen": n, "skipped": {reason: n}}``: every rank's after a fit, else this one's."""
+        return (self._totals or self.data_report).summary()
 
     def state_dict(self) -> dict:
         trainer = self.trainer
