@@ -89,8 +89,9 @@ def make_folder(root: Path, good: int = len(GOOD), bad: bool = True, metadata: b
             lines.append(json.dumps({"file_name": name, "text": text}))
         elif text is not None:
             path.with_suffix(".txt").write_text(text)
-    if metadata:
+    if metadata:  # plus a stale sibling caption that the metadata overrides
         (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        (root / entries[0][0]).with_suffix(".txt").write_text("a stale sibling caption")
     (root / "notes.md").write_text("not an image: ignored")
     ordered = sorted((name, text) for name, _, text in entries if name.split("/")[-1]
                      .startswith("good"))
