@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,14 @@ def test_ranks_draw_disjoint_shares_and_resume_mid_epoch(tmp_path):
     order = torch.randperm(11, generator=torch.Generator().manual_seed(5)).tolist()
     ranks = [list(EpochShuffleSampler(11, seed=5, rank=r, world_size=2)) for r in (0, 1)]
     assert ranks == [order[0:10:2], order[1:10:2]]  # 5 each, the odd one left out
+    # in batches of 2: rank 0 takes global batches 0 and 2, rank 1 batches 1 and 3
+    pairs = [list(EpochShuffleSampler(11, seed=5, rank=r, world_size=2, batch_size=2))
+             for r in (0, 1)]
+    assert pairs == [order[0:2] + order[4:6], order[2:4] + order[6:8]]
+    unshuffled = EpochShuffleSampler(2**31 - 1, shuffle=False, rank=1, world_size=4,
+                                     batch_size=3)
+    unshuffled.skip(3)  # one batch of this rank already drawn; nothing is listed
+    assert list(islice(iter(unshuffled), 4)) == [15, 16, 17, 27]  # global batches 5, 9
     make_folder(tmp_path, good=12, bad=False)
     dm = FolderDataModule(str(tmp_path), batch_size=2, resolution=RES, seed=4)
     assert isinstance(dm.train_dataloader().sampler, DistributedSampler)  # Lightning keeps it

@@ -165,9 +165,9 @@ def test_tiny_teacher_trains_on_shards_until_max_steps(make_cfg, tmp_path):
     make_shards(tmp_path / "shards")
     cfg = make_cfg("data=webdataset", f"data.urls={tmp_path / 'shards'}", "data.num_workers=0",
                    f"data.min_size={MIN}", "data.batch_size=2", "data.shuffle_buffer=4",
-                   "trainer=cpu", "trainer.max_steps=8", "callbacks=none", "logger=none",
+                   "trainer=cpu", "trainer.max_steps=7", "callbacks=none", "logger=none",
                    "student.rank=4")
-    results = train(cfg)  # 16 samples: more than one pass of the 12 good ones
-    assert results["timings"]["global_step"] == 8
+    results = train(cfg)  # 14 samples: more than one pass of the 12 good ones
+    assert results["timings"]["global_step"] == 7
     saved = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
-    assert saved["data"]["seen"] >= 16 and saved["data"]["skipped"]["bad_shard"] >= 2
+    assert saved["data"]["seen"] >= 14 and saved["data"]["skipped"]["bad_shard"] >= 2

@@ -14,14 +14,16 @@ from tdd.data.report import DataReport
 
 class EpochShuffleSampler(DistributedSampler):
     """A permutation of ``range(size)`` drawn from ``seed + epoch`` (Lightning calls set_epoch),
-    or ``range(size)`` itself with ``shuffle=False``; rank ``r`` of ``world_size`` takes every
-    ``world_size``-th index from position ``r``, the order cut to a multiple of ``world_size`` so
-    that every rank draws as many. ``with_epoch`` yields ``(epoch, index)`` pairs, for sources
-    that seed per-sample augmentation by epoch.
+    or ``range(size)`` itself with ``shuffle=False``, read in global batches of ``batch_size``:
+    rank ``r`` of ``world_size`` takes global batches r, r + world_size, ..., so the ranks
+    together read the single-process order; the tail that would leave a rank short is dropped.
+    ``with_epoch`` yields ``(epoch, index)`` pairs, for sources that seed per-sample
+    augmentation by epoch. Nothing is listed for an unshuffled order (the shapes stream is 2**31
+    long).
 
     It is a ``DistributedSampler`` so that Lightning keeps it as it is under DDP (any other
-    sampler is wrapped in a DistributedSamplerWrapper, which lists every index and would make
-    each rank split a resumed, shortened epoch differently).
+    sampler is wrapped in a DistributedSamplerWrapper, which lists every index and would split a
+    resumed, shortened epoch differently on each rank).
 
     ``skip(n)`` drops the first ``n`` indices of this rank's next pass only: a run resumed
     mid-epoch continues where the interrupted one stopped. ``len`` stays the full share, because
@@ -29,13 +31,13 @@ class EpochShuffleSampler(DistributedSampler):
     """
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1, with_epoch: bool = False):
+                 world_size: int = 1, batch_size: int = 1, with_epoch: bool = False):
         Sampler.__init__(self)  # DistributedSampler's own setup would ask torch.distributed
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside a world of {world_size}")
         self.size, self.seed, self.shuffle, self.epoch, self._skip = size, seed, shuffle, 0, 0
-        self.rank, self.num_replicas, self.with_epoch = rank, world_size, with_epoch
-        self.drop_last = True
+        self.rank, self.num_replicas, self.batch_size = rank, world_size, batch_size
+        self.with_epoch, self.drop_last = with_epoch, True
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -45,19 +47,18 @@ class EpochShuffleSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator:
         start, self._skip = self._skip, 0
-        end = len(self) * self.num_replicas
+        b, world, rank = self.batch_size, self.num_replicas, self.rank
+        positions = (((i // b) * world + rank) * b + i % b for i in range(start, len(self)))
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.size, generator=generator)[:end].tolist()
-        else:
-            order = range(end)  # lazy: the shapes stream is 2**31 long
-        indices = order[self.rank::self.num_replicas][start:]
+            order = torch.randperm(self.size, generator=generator).tolist()
+            positions = (order[p] for p in positions)
         if self.with_epoch:
-            return ((self.epoch, index) for index in indices)
-        return iter(indices)
+            return ((self.epoch, index) for index in positions)
+        return positions
 
     def __len__(self) -> int:
-        return self.size // self.num_replicas
+        return self.size // (self.batch_size * self.num_replicas) * self.batch_size
 
 
 class ResumableData(L.LightningDataModule):
@@ -90,7 +91,8 @@ class ResumableData(L.LightningDataModule):
     def train_sampler(self, size: int, seed: int, shuffle: bool,
                       with_epoch: bool = False) -> EpochShuffleSampler:
         rank, world = self.rank_and_world()
-        sampler = EpochShuffleSampler(size, seed, shuffle, rank, world, with_epoch)
+        sampler = EpochShuffleSampler(size, seed, shuffle, rank, world, self.batch_size,
+                                      with_epoch)
         per_epoch = len(sampler) // self.batch_size
         drawn = self._batches_drawn // world  # this rank's share of the count
         if drawn and per_epoch:
