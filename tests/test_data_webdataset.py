@@ -170,4 +170,4 @@ def test_tiny_teacher_trains_on_shards_until_max_steps(make_cfg, tmp_path):
     results = train(cfg)  # 14 samples: more than one pass of the 12 good ones
     assert results["timings"]["global_step"] == 7
     saved = json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())
-    assert saved["data"]["seen"] >= 14 and saved["data"]["skipped"]["bad_shard"] >= 2
+    assert saved["data"]["seen"] >= 14 and saved["data"]["skipped"]["bad_shard"] >= 1
