@@ -176,8 +176,9 @@ def test_experiment_smoke_run(tmp_path, experiment):
     from helpers_data import make_folder
 
     recipe = compose_defaults([f"experiment={experiment}"], tmp_path)
-    make_folder(tmp_path / "data", good=24)
     accumulate = min(int(recipe.trainer.get("accumulate_grad_batches", 1)), 2)
+    # enough images for both steps in one epoch (an epoch end also steps the optimizer)
+    make_folder(tmp_path / "data", good=2 * accumulate * recipe.data.batch_size)
     cfg = compose_defaults([
         f"experiment={experiment}", "logger=csv",
         "model=tiny", f"model.sdxl={recipe.model.dual_text_encoder}",

@@ -179,7 +179,8 @@ def test_two_ddp_processes_share_the_folder_and_report_both(tmp_path):
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "run.py", "debug=default", "trainer=ddp_sim", "logger=none",
                "model=tiny", "metrics=none", "data=folder", f"data.root={tmp_path / 'data'}",
-               "data.num_workers=0", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"]
+               "data.num_workers=0", "trainer.max_steps=2", "trainer.devices=2",
+               f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
