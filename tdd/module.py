@@ -44,7 +44,7 @@ class DistillationModule(L.LightningModule):
             )
         self.student = student(unet=teacher.unet, guidance_embedding_dim=guidance.condition_dim)
         self.vae, self.text = teacher.vae, teacher.text
-        self.teacher_info = teacher
+        self.teacher = teacher  # the frozen bundle: its VAE, text encoder and noise schedule
         self.strategy, self.guidance, self.loss_fn = strategy, guidance, loss_fn
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.generator = torch.Generator().manual_seed(seed)
@@ -94,7 +94,7 @@ class DistillationModule(L.LightningModule):
         """VAE latent sample times the scaling factor (the teacher's x0)."""
         posterior = self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
         latents = posterior.mean + posterior.std * self.randn_like(posterior.mean)
-        return latents * self.teacher_info.scaling_factor
+        return latents * self.teacher.scaling_factor
 
     @torch.no_grad()
     def teacher_step(self, x_t, t, t_prev, cond: Conditioning, w) -> torch.Tensor:
@@ -113,7 +113,7 @@ class DistillationModule(L.LightningModule):
         """Run ``network`` and convert its output to (x0, eps) at (x, t)."""
         output = network(x, t, cond, *timestep_cond)
         alpha, sigma = self.schedule.coefficients(t, x)
-        return to_x0_eps(output.to(x.dtype), x, alpha, sigma, self.teacher_info.prediction_type)
+        return to_x0_eps(output.to(x.dtype), x, alpha, sigma, self.teacher.prediction_type)
 
     def empty_conditioning(self, batch_size: int) -> Conditioning:
         """The encoded empty prompt, computed once (the text encoder is frozen)."""
