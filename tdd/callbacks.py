@@ -111,8 +111,9 @@ class StopOnSignal(L.Callback):
             path = str(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
             trainer.save_checkpoint(path)
         command = self.resume_command or f"python run.py <same overrides> ckpt_path={path}"
+        saved = f"checkpoint {path}" if path else "no checkpoint written (non-finite weights)"
         if trainer.is_global_zero:
-            print(f"{name}: stopped at step {trainer.global_step}, checkpoint {path}\n"
+            print(f"{name}: stopped at step {trainer.global_step}, {saved}\n"
                   f"resume with: {command}", flush=True)
 
 
