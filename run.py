@@ -75,6 +75,7 @@ def train(cfg: DictConfig) -> dict:
                     "global_step": trainer.global_step},
         "checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
         "export": exported,
+        "data": datamodule.report() if hasattr(datamodule, "report") else None,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))

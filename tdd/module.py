@@ -62,7 +62,8 @@ class DistillationModule(L.LightningModule):
         i = grid.sample_index(len(batch["caption"]), g)
         t, t_prev, s = grid[i], grid.previous(i), self.strategy.sample(i, generator=g)
         t, t_prev, s = t.to(self.device), t_prev.to(self.device), s.to(self.device)
-        cond, w = self.encode_prompts(batch["caption"])
+        cond, w = self.encode_prompts(batch["caption"], batch.get("original_size"),
+                                      batch.get("crop_top_left"))
         # 2. x_t = a_t * x0 + s_t * noise
         x0 = self.encode_images(batch["pixel_values"])
         x_t = self.schedule.add_noise(x0, self.randn_like(x0), t)
@@ -81,11 +82,13 @@ class DistillationModule(L.LightningModule):
         return loss.mean()
 
     # -- the pieces it calls ---------------------------------------------------------------------
-    def encode_prompts(self, captions: list[str]) -> tuple[Conditioning, torch.Tensor]:
-        """Drop a share of captions to "" and encode; draw the teacher's guidance scale w."""
+    def encode_prompts(self, captions: list[str], original_size=None, crop_top_left=None
+                       ) -> tuple[Conditioning, torch.Tensor]:
+        """Drop a share of captions to "" and encode (with the images' size conditioning where
+        the teacher takes it, SDXL); draw the teacher's guidance scale w."""
         captions = self.guidance.drop_captions(list(captions), self.generator)
         w = self.guidance.sample_w(len(captions), self.generator)
-        return self.text(captions), w
+        return self.text(captions, original_size, crop_top_left), w
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -100,7 +103,7 @@ class DistillationModule(L.LightningModule):
         if not self.guidance.uses_uncond:
             x0, eps = self.predict(self.student.teacher, x_t, t, cond)
             return ddim_map(x0, eps, t_prev, self.schedule)
-        uncond = self.guidance.unconditional(cond, self.empty_conditioning)
+        uncond = self.guidance.unconditional(cond, self.empty_conditioning).with_sizes_of(cond)
         x0, eps = self.predict(self.student.teacher, x_t.repeat(2, 1, 1, 1), t.repeat(2),
                                cond.cat(uncond))
         (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
