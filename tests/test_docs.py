@@ -133,7 +133,7 @@ def test_the_timestep_tables_of_the_methods_doc_are_what_the_code_computes():
         assert numbers(values) == DistillationGrid(1000, int(n)).schedule(int(k)).tolist()
 
     pcm = re.search(r"N = 50, M = 4: edge indices ([\d, ]+\d) and edge timesteps ([\d, ]+\d)",
-                    paragraph("**PCM.**"))
+                    paragraph("**PCM**"))
     target = PCMTarget(1000, 50, num_phases=4)
     assert numbers(pcm.group(1)) == target.edge_indices.tolist()
     assert numbers(pcm.group(2)) == target.edge_timesteps.tolist()
