@@ -133,7 +133,7 @@ def test_the_timestep_tables_of_the_methods_doc_are_what_the_code_computes():
         assert numbers(values) == DistillationGrid(1000, int(n)).schedule(int(k)).tolist()
 
     pcm = re.search(r"N = 50, M = 4: edge indices ([\d, ]+\d) and edge timesteps ([\d, ]+\d)",
-                    paragraph("**PCM.**"))
+                    paragraph("**PCM**"))
     target = PCMTarget(1000, 50, num_phases=4)
     assert numbers(pcm.group(1)) == target.edge_indices.tolist()
     assert numbers(pcm.group(2)) == target.edge_timesteps.tolist()
@@ -146,3 +146,21 @@ def test_the_timestep_tables_of_the_methods_doc_are_what_the_code_computes():
     for k, values in published:
         scheduler.set_timesteps(int(k))
         assert numbers(values) == scheduler.timesteps.tolist()
+
+
+def test_the_lora_init_deviation_is_stated_exactly_when_the_config_has_it(tmp_path):
+    import inspect
+
+    from conftest import compose_defaults
+    from omegaconf import OmegaConf
+
+    from tdd.models.students import LoRAStudent
+
+    default = inspect.signature(LoRAStudent).parameters["init_lora_weights"].default
+    cfg = compose_defaults(["student=lora"], tmp_path)
+    init = OmegaConf.select(cfg, "student.init_lora_weights", default=default)
+    deviations = DOC_PAGE.read_text().split("## 7.")[1].split("\n## ")[0]
+    if init is True:  # PEFT's default, as every released script
+        assert "LoRA initialisation" not in deviations
+    else:
+        assert f"init_lora_weights={init}" in deviations
