@@ -65,8 +65,9 @@ def train(cfg: DictConfig) -> dict:
         "checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
         "export": exported,
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if trainer.is_global_zero:  # one writer under DDP
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     if results["metrics"]:
         print(summary_table(results["metrics"]))
     return results

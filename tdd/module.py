@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import lightning as L
 import torch
 
+from tdd.distributed import gather_objects, rank_seed
 from tdd.guidance import Guidance, combine
 from tdd.models.conditioning import Conditioning
 from tdd.models.students import Student
 from tdd.models.teacher import Teacher
+from tdd.models.text_cache import TextCache
 from tdd.prediction import ddim_map, to_x0_eps
 from tdd.schedule import NoiseSchedule
 from tdd.strategies import TargetStrategy
@@ -20,7 +23,11 @@ class DistillationModule(L.LightningModule):
     """Consistency distillation of ``teacher`` into a student (METHODS.md section 0).
 
     Random draws, all from ``self.generator`` in this order: source index i, target timestep s,
-    empty-prompt mask, guidance scale w, VAE latent sample, forward noise.
+    empty-prompt mask, guidance scale w, VAE latent sample, forward noise. Under DDP each rank
+    has its own stream, seeded from (seed, global rank); rank 0's is the single-process one.
+
+    Precision: the frozen networks run in the teacher's dtype, the trainable ones in theirs
+    (fp32); latents and conditions are cast where they meet a UNet, and the loss is fp32.
     """
 
     def __init__(
@@ -34,6 +41,7 @@ class DistillationModule(L.LightningModule):
         lr_scheduler: Callable | None = None,
         seed: int = 0,
         loss_buckets: int = 4,
+        cache_text: int = 0,
     ):
         super().__init__()
         self.schedule = NoiseSchedule.from_config(teacher.scheduler_config)
@@ -44,9 +52,11 @@ class DistillationModule(L.LightningModule):
             )
         self.student = student(unet=teacher.unet, guidance_embedding_dim=guidance.condition_dim)
         self.vae, self.text = teacher.vae, teacher.text
+        self.text_cache = TextCache(self.text, cache_text) if cache_text else None
         self.teacher_info = teacher
         self.strategy, self.guidance, self.loss_fn = strategy, guidance, loss_fn
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.loss_buckets = loss_buckets
         self.strict_loading = False  # checkpoints hold trainable state only
@@ -84,14 +94,14 @@ class DistillationModule(L.LightningModule):
         """Drop a share of captions to "" and encode; draw the teacher's guidance scale w."""
         captions = self.guidance.drop_captions(list(captions), self.generator)
         w = self.guidance.sample_w(len(captions), self.generator)
-        return self.text(captions), w
+        return (self.text_cache or self.text)(captions), w
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """VAE latent sample times the scaling factor (the teacher's x0)."""
         posterior = self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
-        latents = posterior.mean + posterior.std * self.randn_like(posterior.mean)
-        return latents * self.teacher_info.scaling_factor
+        mean, std = posterior.mean.float(), posterior.std.float()
+        return (mean + std * self.randn_like(mean)) * self.teacher_info.scaling_factor
 
     @torch.no_grad()
     def teacher_step(self, x_t, t, t_prev, cond: Conditioning, w) -> torch.Tensor:
@@ -143,6 +153,10 @@ class DistillationModule(L.LightningModule):
             self._bucket_sums.zero_(), self._bucket_counts.zero_()
 
     # -- Lightning plumbing ----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Seed this rank's stream now that the rank is known (before a checkpoint restores it)."""
+        self.generator.manual_seed(rank_seed(self.seed, self.global_rank))
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=list(self.student.trainable_parameters()))
         if self.lr_scheduler_factory is None:
@@ -157,12 +171,25 @@ class DistillationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = self.student.trainable_state_dict()
         checkpoint["state_dict"] = {f"student.{k}": v for k, v in state.items()}
-        checkpoint["generator_state"] = self.generator.get_state()
+        checkpoint["generator_states"] = gather_objects(self.generator.get_state())  # by rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         unknown = set(checkpoint["state_dict"]) - set(self.state_dict())
         if unknown:
             raise KeyError(f"checkpoint holds {len(unknown)} tensors this model lacks, e.g. "
                            f"{sorted(unknown)[:3]}: was it written by another student config?")
-        if "generator_state" in checkpoint:
-            self.generator.set_state(checkpoint["generator_state"])
+        self.restore_generator(checkpoint)
+
+    def restore_generator(self, checkpoint: dict) -> None:
+        """Continue this rank's saved stream; a checkpoint of another world size starts fresh
+        streams seeded from (seed, rank, step), since its streams cannot be continued."""
+        states = checkpoint.get("generator_states", [])
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if len(states) == world_size:
+            self.generator.set_state(states[self.global_rank])
+        elif states:
+            step = int(checkpoint.get("global_step", 0))
+            warnings.warn(f"the checkpoint holds the random streams of {len(states)} ranks, this "
+                          f"run has {world_size}: new streams from (seed, rank, step {step})",
+                          stacklevel=2)
+            self.generator.manual_seed(rank_seed(self.seed, self.global_rank, step + 1))
