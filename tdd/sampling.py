@@ -229,9 +229,10 @@ def generate(
     ``guidance_scale`` g: g = 1 is one UNet pass per step; otherwise ordinary CFG against the
     encoded empty prompt, ``eps(empty) + g * (eps(c) - eps(empty))``, in two UNet calls per
     step, so that no network call takes more than ``batch_size`` images (nor does the VAE
-    decode, when the teacher's VAE slices). A UNet with a guidance projection (``time_cond_proj_dim``, the
-    w_embed students) instead takes ``w = g - 1`` as ``timestep_cond`` with one pass, as the
-    diffusers pipelines do. (Pipelines skip CFG for g <= 1; here any g != 1 runs it.)
+    decode, when the teacher's VAE slices). A UNet with a guidance projection
+    (``time_cond_proj_dim``, the w_embed students) instead takes ``w = g - 1`` as
+    ``timestep_cond`` with one pass, as the diffusers pipelines do. (Pipelines skip CFG for
+    g <= 1; here any g != 1 runs it.)
     """
     if len(prompts) != len(seeds) or not prompts:
         raise ValueError(f"generate: {len(prompts)} prompts and {len(seeds)} seeds; need the "

@@ -33,7 +33,8 @@ def test_stream_split_reads_the_single_process_order(world_size, drawn):
                    for i in r[step * batch:(step + 1) * batch]]
     single = list(StreamSampler(10_000, batch, 0, 1, drawn))
     assert interleaved == single[:len(interleaved)] and interleaved[0] == drawn * batch
-    assert len(StreamSampler(10_000, batch, 0, world_size)) == 10_000 // batch // world_size * batch
+    per_rank = 10_000 // batch // world_size * batch
+    assert len(StreamSampler(10_000, batch, 0, world_size)) == per_rank
 
 
 def test_shapes_stream_is_not_listed_under_ddp():

@@ -176,8 +176,8 @@ class FullStudent(Student):
         self.teacher_unet = unet.requires_grad_(False).eval()
         student = UNet2DConditionModel.from_config(
             unet.config, time_cond_proj_dim=guidance_embedding_dim
-        ).to(unet.device, torch.float32)
-        student.load_state_dict(unet.state_dict(), strict=False)
+        ).to(unet.device)
+        student.load_state_dict(unet.state_dict(), strict=False)  # into fp32 parameters
         if guidance_embedding_dim is not None:
             nn.init.zeros_(student.time_embedding.cond_proj.weight)
         self.unet = student.train().requires_grad_(True)

@@ -38,11 +38,11 @@ class Teacher:
     def freeze(self, dtype: str = "float32", vae_dtype: str | None = None) -> Teacher:
         """Frozen, in eval mode, UNet and text encoders in ``dtype``, the VAE in ``vae_dtype``
         (default: ``dtype``)."""
-        for module in self.frozen_modules():
+        dtypes = (dtype, vae_dtype or dtype, dtype)
+        for module, name in zip(self.frozen_modules(), dtypes):
             module.requires_grad_(False).eval()
-        self.unet.to(resolve_dtype(dtype))
-        self.text.to(resolve_dtype(dtype))
-        self.vae.to(resolve_dtype(vae_dtype or dtype))
+            if next(module.parameters()).dtype != resolve_dtype(name):
+                module.to(resolve_dtype(name))
         return self
 
 
