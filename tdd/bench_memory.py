@@ -26,6 +26,7 @@ import argparse
 import json
 import multiprocessing
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -190,9 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     for name in models:
         if models[name] is None and not (CONFIGS / f"{name}_unet.json").is_file():
             raise SystemExit(f"--models: no {CONFIGS / (name + '_unet.json')}")
-    rows = [measure_in_child(model=name, config=config, resolution=res,
-                             batch_size=args.batch_size, dtype=args.dtype,
-                             checkpointing=mode == "on", device=args.device, rank=args.rank)
-            for name, config in models.items() for res in args.resolutions
-            for mode in args.checkpointing]
+    rows = []
+    for name, config in models.items():
+        for resolution in args.resolutions:
+            for mode in args.checkpointing:
+                rows.append(measure_in_child(
+                    model=name, config=config, resolution=resolution,
+                    batch_size=args.batch_size, dtype=args.dtype, checkpointing=mode == "on",
+                    device=args.device, rank=args.rank))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress
     print(json.dumps(rows, indent=2))
