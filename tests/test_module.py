@@ -1,4 +1,4 @@
-"""The module's training step against a plain written-out computation of METHODS.md section 0."""
+"""The module's training step against a plain written-out docs/methods.md section 0."""
 
 from functools import partial
 
@@ -34,7 +34,7 @@ def build_module(strategy, guidance, student=None):
 
 
 def reference_loss(module, teacher, strategy, guidance, lcm_boundary: bool) -> torch.Tensor:
-    """METHODS.md section 0 written out, with diffusers' own alphas_cumprod."""
+    """docs/methods.md section 0 written out, with diffusers' own alphas_cumprod."""
     g = torch.Generator().manual_seed(SEED)
     n, k = len(strategy.grid), 1000 // len(strategy.grid)
     abar = DDPMScheduler(**{key: teacher.scheduler_config[key] for key in (
