@@ -68,6 +68,7 @@ def train(cfg: DictConfig) -> dict:
         "timings": {"seconds": time.perf_counter() - start, "global_step": trainer.global_step},
         "checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
         "export": exported,
+        "data": datamodule.report() if hasattr(datamodule, "report") else None,
     }
     if trainer.is_global_zero:  # one writer under DDP
         output_dir.mkdir(parents=True, exist_ok=True)

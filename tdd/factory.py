@@ -37,13 +37,8 @@ def build_recipe(cfg: DictConfig) -> Recipe:
     """Instantiate and cross-check the strategy, guidance, student, loss and optimizer."""
     recipe = Recipe(*(_instantiate(cfg, key) for key in
                       ("strategy", "guidance", "student", "loss", "optimizer", "lr_scheduler")))
-    student_cls = getattr(recipe.student, "func", recipe.student)
-    if recipe.guidance.embeds_w and not getattr(student_cls, "supports_guidance_embedding", 0):
-        raise ValueError(
-            f"guidance={type(recipe.guidance).__name__} feeds w to the student as timestep_cond, "
-            f"which needs a guidance projection (time_cond_proj_dim) that "
-            f"{student_cls.__name__} cannot add: use student=full"
-        )
+    student_cls = getattr(recipe.student, "func", recipe.student)  # a partial of the class
+    student_cls.check_guidance_embedding(recipe.guidance.condition_dim)
     return recipe
 
 

@@ -52,8 +52,8 @@ class DistillationModule(L.LightningModule):
             )
         self.student = student(unet=teacher.unet, guidance_embedding_dim=guidance.condition_dim)
         self.vae, self.text = teacher.vae, teacher.text
+        self.teacher = teacher  # the frozen bundle: its VAE, text encoder and noise schedule
         self.text_cache = TextCache(self.text, cache_text) if cache_text else None
-        self.teacher_info = teacher
         self.strategy, self.guidance, self.loss_fn = strategy, guidance, loss_fn
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.seed = seed
@@ -71,7 +71,8 @@ class DistillationModule(L.LightningModule):
         i = grid.sample_index(len(batch["caption"]), g)
         t, t_prev, s = grid[i], grid.previous(i), self.strategy.sample(i, generator=g)
         t, t_prev, s = t.to(self.device), t_prev.to(self.device), s.to(self.device)
-        cond, w = self.encode_prompts(batch["caption"])
+        cond, w = self.encode_prompts(batch["caption"], batch.get("original_size"),
+                                      batch.get("crop_top_left"))
         # 2. x_t = a_t * x0 + s_t * noise
         x0 = self.encode_images(batch["pixel_values"])
         x_t = self.schedule.add_noise(x0, self.randn_like(x0), t)
@@ -90,18 +91,22 @@ class DistillationModule(L.LightningModule):
         return loss.mean()
 
     # -- the pieces it calls ---------------------------------------------------------------------
-    def encode_prompts(self, captions: list[str]) -> tuple[Conditioning, torch.Tensor]:
-        """Drop a share of captions to "" and encode; draw the teacher's guidance scale w."""
+    def encode_prompts(self, captions: list[str], original_size=None, crop_top_left=None
+                       ) -> tuple[Conditioning, torch.Tensor]:
+        """Drop a share of captions to "" and encode (with the images' size conditioning where
+        the teacher takes it, SDXL); draw the teacher's guidance scale w."""
         captions = self.guidance.drop_captions(list(captions), self.generator)
         w = self.guidance.sample_w(len(captions), self.generator)
-        return (self.text_cache or self.text)(captions), w
+        if self.text_cache is not None and original_size is None and crop_top_left is None:
+            return self.text_cache(captions), w  # no per-image size conditioning to encode
+        return self.text(captions, original_size, crop_top_left), w
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """VAE latent sample times the scaling factor (the teacher's x0)."""
         posterior = self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
         mean, std = posterior.mean.float(), posterior.std.float()
-        return (mean + std * self.randn_like(mean)) * self.teacher_info.scaling_factor
+        return (mean + std * self.randn_like(mean)) * self.teacher.scaling_factor
 
     @torch.no_grad()
     def teacher_step(self, x_t, t, t_prev, cond: Conditioning, w) -> torch.Tensor:
@@ -109,7 +114,7 @@ class DistillationModule(L.LightningModule):
         if not self.guidance.uses_uncond:
             x0, eps = self.predict(self.student.teacher, x_t, t, cond)
             return ddim_map(x0, eps, t_prev, self.schedule)
-        uncond = self.guidance.unconditional(cond, self.empty_conditioning)
+        uncond = self.guidance.unconditional(cond, self.empty_conditioning).with_sizes_of(cond)
         x0, eps = self.predict(self.student.teacher, x_t.repeat(2, 1, 1, 1), t.repeat(2),
                                cond.cat(uncond))
         (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
@@ -120,7 +125,7 @@ class DistillationModule(L.LightningModule):
         """Run ``network`` and convert its output to (x0, eps) at (x, t)."""
         output = network(x, t, cond, *timestep_cond)
         alpha, sigma = self.schedule.coefficients(t, x)
-        return to_x0_eps(output.to(x.dtype), x, alpha, sigma, self.teacher_info.prediction_type)
+        return to_x0_eps(output.to(x.dtype), x, alpha, sigma, self.teacher.prediction_type)
 
     def empty_conditioning(self, batch_size: int) -> Conditioning:
         """The encoded empty prompt, computed once (the text encoder is frozen)."""

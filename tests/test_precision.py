@@ -13,8 +13,8 @@ from run import train
 from tdd.guidance import DecoupledGuidance
 from tdd.losses import PseudoHuberLoss
 from tdd.models.students import FullStudent, LoRAStudent
-from tdd.models.teacher import load_teacher
-from tdd.models.tiny import build_tiny, save_pipeline, tiny_vae
+from tdd.models.teacher import load_teacher, save_pipeline
+from tdd.models.tiny import build_tiny, tiny_vae
 from tdd.module import DistillationModule
 from tdd.sampling import TCDSampler, generate
 from tdd.strategies import TCDTarget
