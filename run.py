@@ -77,8 +77,9 @@ def train(cfg: DictConfig) -> dict:
         "export": exported,
         "data": datamodule.report() if hasattr(datamodule, "report") else None,
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if trainer.is_global_zero:  # one writer under DDP
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     if results["metrics"]:
         print(summary_table(results["metrics"]))
     return results

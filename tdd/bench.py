@@ -2,6 +2,7 @@
 speed against the teacher, peak memory. Prints JSON; ratios are the figures that count.
 
     python -m tdd.bench --model tiny --batch-size 8 --repeats 5
+    python -m tdd.bench memory --help   (peak memory of the published UNets: tdd/bench_memory.py)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import random
 import resource
 import statistics
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -188,6 +190,11 @@ def run(model: str, batch_size: int, repeats: int, images: int, device: str) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["memory"]:
+        from tdd.bench_memory import main as memory_main
+
+        return memory_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="tiny, toy, or a diffusers directory")
     parser.add_argument("--batch-size", type=int, default=8)

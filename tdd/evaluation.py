@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 from torchvision.utils import save_image
 
+from tdd.distributed import RankZeroSection
 from tdd.metrics.eval_sets import load_evaluation_set
 from tdd.metrics.reference_stats import reference_statistics
 from tdd.metrics.timing import SamplingCost, Stopwatch
@@ -56,6 +57,12 @@ class Evaluation(L.Callback):
     1.7). The first teacher row (25 steps by default) is the reference for ``fid_teacher``. The
     teacher's guidance scale defaults to ``1 + mean(w)`` of the run's guidance (LCM form -> the
     diffusers scale the student was distilled towards).
+
+    Under DDP rank 0 samples and scores alone while the other ranks wait at a barrier of a
+    CPU process group with a 7-day timeout (:class:`tdd.distributed.RankZeroSection`), chosen
+    over sharding the sampling: FID needs every image in one place (gathering them costs as much
+    memory as holding them), results stay identical whatever the number of ranks, and the wait
+    holds no GPU collective open, so no NCCL timeout can fire however long scoring takes.
     """
 
     def __init__(
@@ -102,16 +109,19 @@ class Evaluation(L.Callback):
         self.results: dict = {}
         self.reference: dict = {}
         self._prompts: list[str] | None = None
+        self._rank_zero = RankZeroSection()
         self._fid_note: str | None = None
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0:
-            self.evaluate(trainer, pl_module)
+            with self._rank_zero:
+                self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module):
-        self.results = self.evaluate(trainer, pl_module)
+        with self._rank_zero:
+            self.results = self.evaluate(trainer, pl_module)
 
     # -- the evaluation --------------------------------------------------------------------------
     def evaluate(self, trainer: L.Trainer, module) -> dict:

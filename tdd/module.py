@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import lightning as L
 import torch
 
+from tdd.distributed import gather_objects, rank_seed
 from tdd.guidance import Guidance, combine
 from tdd.models.conditioning import Conditioning
 from tdd.models.students import Student
 from tdd.models.teacher import Teacher
+from tdd.models.text_cache import TextCache
 from tdd.prediction import ddim_map, to_x0_eps
 from tdd.schedule import NoiseSchedule
 from tdd.strategies import TargetStrategy
@@ -21,7 +24,11 @@ class DistillationModule(L.LightningModule):
     """Consistency distillation of ``teacher`` into a student (docs/methods.md section 0).
 
     Random draws, all from ``self.generator`` in this order: source index i, target timestep s,
-    empty-prompt mask, guidance scale w, VAE latent sample, forward noise.
+    empty-prompt mask, guidance scale w, VAE latent sample, forward noise. Under DDP each rank
+    has its own stream, seeded from (seed, global rank); rank 0's is the single-process one.
+
+    Precision: the frozen networks run in the teacher's dtype, the trainable ones in theirs
+    (fp32); latents and conditions are cast where they meet a UNet, and the loss is fp32.
     """
 
     def __init__(
@@ -35,6 +42,7 @@ class DistillationModule(L.LightningModule):
         lr_scheduler: Callable | None = None,
         seed: int = 0,
         loss_buckets: int = 4,
+        cache_text: int = 0,
     ):
         super().__init__()
         self.schedule = NoiseSchedule.from_config(teacher.scheduler_config)
@@ -46,8 +54,10 @@ class DistillationModule(L.LightningModule):
         self.student = student(unet=teacher.unet, guidance_embedding_dim=guidance.condition_dim)
         self.vae, self.text = teacher.vae, teacher.text
         self.teacher = teacher  # the frozen bundle: its VAE, text encoder and noise schedule
+        self.text_cache = TextCache(self.text, cache_text) if cache_text else None
         self.strategy, self.guidance, self.loss_fn = strategy, guidance, loss_fn
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.loss_buckets = loss_buckets
         self.strict_loading = False  # checkpoints hold trainable state only: checked below
@@ -88,14 +98,16 @@ class DistillationModule(L.LightningModule):
         the teacher takes it, SDXL); draw the teacher's guidance scale w."""
         captions = self.guidance.drop_captions(list(captions), self.generator)
         w = self.guidance.sample_w(len(captions), self.generator)
+        if self.text_cache is not None and original_size is None and crop_top_left is None:
+            return self.text_cache(captions), w  # no per-image size conditioning to encode
         return self.text(captions, original_size, crop_top_left), w
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """VAE latent sample times the scaling factor (the teacher's x0)."""
         posterior = self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
-        latents = posterior.mean + posterior.std * self.randn_like(posterior.mean)
-        return latents * self.teacher.scaling_factor
+        mean, std = posterior.mean.float(), posterior.std.float()
+        return (mean + std * self.randn_like(mean)) * self.teacher.scaling_factor
 
     @torch.no_grad()
     def teacher_step(self, x_t, t, t_prev, cond: Conditioning, w) -> torch.Tensor:
@@ -147,6 +159,10 @@ class DistillationModule(L.LightningModule):
             self._bucket_sums.zero_(), self._bucket_counts.zero_()
 
     # -- Lightning plumbing ----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Seed this rank's stream now that the rank is known (before a checkpoint restores it)."""
+        self.generator.manual_seed(rank_seed(self.seed, self.global_rank))
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=list(self.student.trainable_parameters()))
         if self.lr_scheduler_factory is None:
@@ -189,7 +205,7 @@ class DistillationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = self.student.trainable_state_dict()
         checkpoint["state_dict"] = {f"student.{k}": v for k, v in state.items()}
-        checkpoint["generator_state"] = self.generator.get_state()
+        checkpoint["generator_states"] = gather_objects(self.generator.get_state())  # by rank
         checkpoint["recipe"] = self.recipe()
 
     def recipe(self) -> dict:
@@ -202,8 +218,21 @@ class DistillationModule(L.LightningModule):
         expected = {f"student.{k}": v for k, v in self.student.trainable_state_dict().items()}
         check_trainable_state(checkpoint["state_dict"], expected,
                               checkpoint.get("recipe", {}), self.recipe())
-        if "generator_state" in checkpoint:
-            self.generator.set_state(checkpoint["generator_state"])
+        self.restore_generator(checkpoint)
+
+    def restore_generator(self, checkpoint: dict) -> None:
+        """Continue this rank's saved stream; a checkpoint of another world size starts fresh
+        streams seeded from (seed, rank, step), since its streams cannot be continued."""
+        states = checkpoint.get("generator_states", [])
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        if len(states) == world_size:
+            self.generator.set_state(states[self.global_rank])
+        elif states:
+            step = int(checkpoint.get("global_step", 0))
+            warnings.warn(f"the checkpoint holds the random streams of {len(states)} ranks, this "
+                          f"run has {world_size}: new streams from (seed, rank, step {step})",
+                          stacklevel=2)
+            self.generator.manual_seed(rank_seed(self.seed, self.global_rank, step + 1))
 
 
 def _differs(a, b) -> bool:

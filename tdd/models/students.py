@@ -23,11 +23,34 @@ LORA_TARGET_MODULES = (
 )
 
 
+def _cast(value, dtype: torch.dtype):
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+
+def run_unet(unet, x, t, conditioning, timestep_cond=None) -> torch.Tensor:
+    """``unet``'s output for latents ``x`` at ``t``; latents and conditions are cast to the
+    UNet's dtype (a half-precision frozen teacher meets fp32 latents here)."""
+    kwargs = _cast(conditioning.unet_kwargs(), unet.dtype)
+    return unet(x.to(unet.dtype), t, timestep_cond=_cast(timestep_cond, unet.dtype),
+                **kwargs).sample
+
+
+def cast_training_params(module: nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    """Trainable parameters in ``dtype`` (fp32) beside half-precision frozen weights."""
+    for parameter in module.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(dtype)
+
+
 class Student(nn.Module):
     """The three networks of a consistency-distillation step behind one interface.
 
     ``online`` runs with gradient; ``teacher`` and ``target`` run without. Subclasses decide where
-    the weights live and which of them a checkpoint keeps (only trainable state).
+    the weights live and which of them a checkpoint keeps (only trainable state). Trainable
+    parameters are fp32 whatever the teacher's dtype; ``gradient_checkpointing`` recomputes the
+    student UNet's block activations in the backward pass instead of storing them.
     """
 
     #: Whether the student UNet can take ``timestep_cond`` (guidance=w_embed).
@@ -45,7 +68,7 @@ class Student(nn.Module):
             )
 
     def online(self, x, t, conditioning, timestep_cond=None) -> torch.Tensor:
-        return self.unet(x, t, timestep_cond=timestep_cond, **conditioning.unet_kwargs()).sample
+        return run_unet(self.unet, x, t, conditioning, timestep_cond)
 
     def teacher(self, x, t, conditioning) -> torch.Tensor:
         raise NotImplementedError
@@ -94,6 +117,7 @@ class LoRAStudent(Student):
         target_modules: tuple[str, ...] | list[str] = LORA_TARGET_MODULES,
         guidance_embedding_dim: int | None = None,
         init_lora_weights: bool | str = True,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         self.check_guidance_embedding(guidance_embedding_dim)
@@ -105,6 +129,9 @@ class LoRAStudent(Student):
             r=rank, lora_alpha=alpha, target_modules=list(target_modules),
             init_lora_weights=init_lora_weights,
         ))
+        cast_training_params(unet)
+        if gradient_checkpointing:  # gradients still reach the adapters through frozen blocks
+            unet.enable_gradient_checkpointing()
         self.unet = unet
 
     @contextmanager
@@ -126,7 +153,7 @@ class LoRAStudent(Student):
     @torch.no_grad()
     def teacher(self, x, t, conditioning):
         with self.adapters_disabled():
-            return self.unet(x, t, **conditioning.unet_kwargs()).sample
+            return run_unet(self.unet, x, t, conditioning)
 
     @torch.no_grad()
     def target(self, x, t, conditioning, timestep_cond=None):
@@ -150,6 +177,7 @@ class FullStudent(Student):
         unet: UNet2DConditionModel,
         ema_decay: float | None = None,
         guidance_embedding_dim: int | None = None,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
@@ -159,22 +187,24 @@ class FullStudent(Student):
         student = UNet2DConditionModel.from_config(
             unet.config, time_cond_proj_dim=guidance_embedding_dim
         ).to(unet.device)
-        student.load_state_dict(unet.state_dict(), strict=False)
+        student.load_state_dict(unet.state_dict(), strict=False)  # into fp32 parameters
         if guidance_embedding_dim is not None:
             nn.init.zeros_(student.time_embedding.cond_proj.weight)
         self.unet = student.train().requires_grad_(True)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         self.ema = None
         if ema_decay is not None:
             self.ema = copy.deepcopy(student).requires_grad_(False).eval()
 
     @torch.no_grad()
     def teacher(self, x, t, conditioning):
-        return self.teacher_unet(x, t, **conditioning.unet_kwargs()).sample
+        return run_unet(self.teacher_unet, x, t, conditioning)
 
     @torch.no_grad()
     def target(self, x, t, conditioning, timestep_cond=None):
         network = self.unet if self.ema is None else self.ema
-        return network(x, t, timestep_cond=timestep_cond, **conditioning.unet_kwargs()).sample
+        return run_unet(network, x, t, conditioning, timestep_cond)
 
     @property
     def sampling_unet(self):

@@ -35,6 +35,16 @@ class Teacher:
     def frozen_modules(self) -> list[nn.Module]:
         return [self.unet, self.vae, self.text]
 
+    def freeze(self, dtype: str = "float32", vae_dtype: str | None = None) -> Teacher:
+        """Frozen, in eval mode, UNet and text encoders in ``dtype``, the VAE in ``vae_dtype``
+        (default: ``dtype``)."""
+        dtypes = (dtype, vae_dtype or dtype, dtype)
+        for module, name in zip(self.frozen_modules(), dtypes):
+            module.requires_grad_(False).eval()
+            if next(module.parameters()).dtype != resolve_dtype(name):
+                module.to(resolve_dtype(name))
+        return self
+
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in _DTYPES:
@@ -42,29 +52,50 @@ def resolve_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def check_teacher_dir(path: str | Path | None, setting: str = "model.path") -> Path:
+def check_teacher_dir(path: str | Path | None, setting: str = "model.path",
+                      folders=("unet", "vae", "scheduler", "text_encoder", "tokenizer")) -> Path:
     """Fail early, naming the setting, when a teacher directory is missing or incomplete."""
     if path in (None, "", "???"):
         raise ValueError(f"{setting} is not set: give the teacher's local diffusers directory")
     root = Path(path).expanduser()
-    missing = [p for p in ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
-               if not (root / p).is_dir()]
+    missing = [p for p in folders if not (root / p).is_dir()]
     if missing:
         raise FileNotFoundError(f"{setting}={str(path)!r} lacks the diffusers folders {missing}")
     return root
 
 
+def check_vae_dir(path: str | Path) -> Path:
+    """``model.vae_path``: a diffusers AutoencoderKL folder (config.json and weights)."""
+    root = Path(path).expanduser()
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"model.vae_path={str(path)!r} is not a diffusers VAE folder "
+                                "(no config.json)")
+    return root
+
+
 def load_teacher(
-    path: str, resolution: int, dual_text_encoder: bool = False, dtype: str = "float32"
+    path: str, resolution: int, dual_text_encoder: bool = False, dtype: str = "float32",
+    vae_path: str | None = None, vae_slicing: bool = False, vae_tiling: bool = False,
 ) -> Teacher:
-    """Load a Stable Diffusion (``dual_text_encoder=False``) or SDXL teacher from ``path``."""
+    """Load a Stable Diffusion (``dual_text_encoder=False``) or SDXL teacher from ``path``.
+
+    The frozen networks run in ``dtype``. The VAE does too, except in float16 without a
+    separate ``vae_path`` (e.g. the fp16-safe SDXL VAE): the stock SDXL VAE overflows in
+    float16, so it stays float32, as the published scripts keep it. ``vae_slicing`` encodes and
+    decodes one image at a time, ``vae_tiling`` decodes large images tile by tile.
+    """
     from diffusers import DDPMScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = check_teacher_dir(path)
+    vae_root = check_vae_dir(vae_path) if vae_path else root / "vae"
     torch_dtype = resolve_dtype(dtype)
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae")  # float32: decode stays stable
+    vae = AutoencoderKL.from_pretrained(vae_root)
+    if vae_slicing:
+        vae.enable_slicing()
+    if vae_tiling:
+        vae.enable_tiling()
     tokenizers = [CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")]
     encoders = [CLIPTextModel.from_pretrained(root, subfolder="text_encoder",
                                               torch_dtype=torch_dtype)]
@@ -75,9 +106,8 @@ def load_teacher(
     scheduler_config = dict(DDPMScheduler.load_config(root, subfolder="scheduler"))
     teacher = Teacher(unet, vae, TextConditioner(tokenizers, encoders, resolution),
                       scheduler_config, resolution)
-    for module in teacher.frozen_modules():
-        module.requires_grad_(False).eval()
-    return teacher
+    vae_dtype = "float32" if dtype == "float16" and not vae_path else dtype
+    return teacher.freeze(dtype, vae_dtype)
 
 
 def save_pipeline(teacher: Teacher, directory: str | Path) -> Path:

@@ -47,9 +47,11 @@ def tiny_vae():
 
 
 def build_tiny(
-    resolution: int = 32, sdxl: bool = False, seed: int = 0, max_length: int = 16
+    resolution: int = 32, sdxl: bool = False, seed: int = 0, max_length: int = 16,
+    dtype: str = "float32",
 ) -> Teacher:
-    """Random tiny components with Stable Diffusion's shapes (VAE downsamples by 4)."""
+    """Random tiny components with Stable Diffusion's shapes (VAE downsamples by 4), frozen in
+    ``dtype`` (the weights are drawn in float32 first, so every dtype has the same teacher)."""
     torch.manual_seed(seed)
     hidden = 16
     tokenizer = clip_tokenizer(max_length)
@@ -64,7 +66,5 @@ def build_tiny(
         text=TextConditioner(tokenizers, encoders, resolution),
         scheduler_config=dict(SD_SCHEDULER), resolution=resolution,
     )
-    for module in teacher.frozen_modules():
-        module.requires_grad_(False).eval()
-    return teacher
+    return teacher.freeze(dtype)
 
