@@ -36,4 +36,4 @@ def test_benchmark_reports_every_ratio():
     for row in report["steps"].values():
         assert row["framework_s"] > 0 and row["floor_s"] > 0 and row["reference_s"] > 0
     assert set(report["sampling_speedup_vs_teacher"]) == {"tdd@4", "tdd@8", "tcd@4"}
-    assert report["peak_memory_mb"] > 0
+    assert report["peak_memory_mb"] > 0 and report["teacher_load_s"] > 0
