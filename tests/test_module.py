@@ -164,6 +164,10 @@ def test_full_student_with_ema_and_w_embed_equals_reference():
     strategy, guidance = TCDTarget(), WEmbedGuidance(w_min=3.0, w_max=15.0, embedding_dim=256)
     module, teacher = build_module(strategy, guidance, partial(FullStudent, ema_decay=0.95))
     student = module.student
+    g = torch.Generator().manual_seed(11)  # an EMA that differs, guidance projection included
+    with torch.no_grad():
+        for p in student.ema.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
     networks = (student.teacher_unet, student.unet, student.ema)
     loss = module.training_step(BATCH, 0)
     expected = reference_loss(module, teacher, strategy, guidance, False, networks, 256)
@@ -175,7 +179,7 @@ def test_full_student_with_ema_and_w_embed_equals_reference():
     ema_before = {n: p.detach().clone() for n, p in student.ema.named_parameters()}
     loss.backward()
     optimizer.step()
-    module.on_train_batch_end(None, BATCH, 0)
+    student.update_target()
     for name, online in student.unet.named_parameters():
         expected_ema = 0.95 * ema_before[name] + 0.05 * online.detach()
         assert torch.allclose(student.ema.get_parameter(name), expected_ema, atol=1e-7), name
@@ -290,3 +294,41 @@ def test_checkpoint_from_another_student_is_refused():
     module, _ = build_module(TCDTarget(), DecoupledGuidance())
     with pytest.raises(KeyError, match="another student config"):
         module.on_load_checkpoint({"state_dict": {"student.ema.conv_in.weight": torch.zeros(1)}})
+
+
+def test_full_student_with_ema_and_w_embed_resumes_like_an_uninterrupted_run(make_cfg, tmp_path):
+    """Stop after 2 steps and resume to 4: the online weights, the EMA target and the guidance
+    projection equal 4 uninterrupted steps."""
+    from pathlib import Path
+
+    from run import train
+
+    common = ["trainer=cpu", "logger=none", "metrics=none", "data.batch_size=2",
+              "data.size=8", "callbacks.checkpoint.every_n_train_steps=2", "student=full",
+              "student.ema_decay=0.95", "guidance=w_embed", "strategy=tcd",
+              "export.enabled=false", "trainer.deterministic=true"]
+
+    def weights(cfg):
+        path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        return torch.load(path, weights_only=False)["state_dict"]
+
+    straight = make_cfg(*common, "trainer.max_steps=4")
+    train(straight)
+    resumed_dir = str(tmp_path / "resumed")
+    first = make_cfg(*common, "trainer.max_steps=2")
+    first.paths.output_dir = resumed_dir
+    train(first)
+    after_two = weights(first)
+    second = make_cfg(*common, "trainer.max_steps=4", "ckpt_path=last")
+    second.paths.output_dir = resumed_dir
+    train(second)
+
+    a, b = weights(straight), weights(second)
+    assert a.keys() == b.keys()
+    assert any(k.startswith("student.ema.") for k in a)
+    assert any("time_embedding.cond_proj" in k for k in a)
+    assert not any(k.startswith("student.teacher_unet.") for k in a)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    ema = "student.ema.conv_in.weight"
+    assert not torch.allclose(a[ema], after_two[ema])  # the EMA moved after step 2
