@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import tdd.config  # noqa: F401  (registers the ${asset:...} resolver)
 from tdd.evaluation import summary_table
+from tdd.export import export_student
 from tdd.factory import (
     build_recipe,
     check_paths,
@@ -54,7 +55,10 @@ def train(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         exported = None
         if cfg.export.enabled and trainer.is_global_zero:
-            exported = str(module.student.export(output_dir / "export", cfg.export.fmt))
+            scales = evaluation.guidance_scales or recipe.guidance.inference_scales
+            exported = str(export_student(module.student, evaluation.sampler,
+                                          teacher.scheduler_config, output_dir / "export",
+                                          cfg.export.fmt, evaluation.steps, scales))
     finally:
         finish_loggers(loggers)
     results = {

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Sequence
+import logging
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 from torchvision.utils import save_image
 
+from tdd.metrics.eval_sets import load_evaluation_set
+from tdd.metrics.reference_stats import reference_statistics
 from tdd.metrics.timing import SamplingCost, Stopwatch
 from tdd.sampling import DDIMSampler, Sampler, generate
+
+log = logging.getLogger(__name__)
+
+#: What a FID cell holds when the evaluation set has no reference images.
+NO_REFERENCE = "not computed: no reference images"
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,11 @@ class Evaluation(L.Callback):
     """Scores the student on a grid of (steps, guidance scale, eta) with fixed prompts and
     per-image seeds, next to the teacher's DDIM rows; logs ``val/<metric>@<setting>``.
 
+    Prompts and real reference images come from ``dataset`` (a folder, JSONL, COCO captions or
+    prompts-only file: :mod:`tdd.metrics.eval_sets`) or, when it is None, from the data
+    module's ``evaluation_set(n)``. Reference FID statistics of a dataset are cached in
+    ``cache_dir``. A prompts-only set has no FID against real images: its rows say so.
+
     ``guidance_scales=None`` takes the guidance mode's own inference scales (decoupled: 1 and
     1.7). The first teacher row (25 steps by default) is the reference for ``fid_teacher``. The
     teacher's guidance scale defaults to ``1 + mean(w)`` of the run's guidance (LCM form -> the
@@ -56,19 +72,37 @@ class Evaluation(L.Callback):
         seed: int = 0,
         every_n_steps: int = 0,
         grid_images: int = 16,
+        dataset: str | None = None,
+        cache_dir: str | None = "~/.cache/tdd/fid",
     ):
-        if num_images < 2:
-            raise ValueError(f"evaluation.num_images={num_images}: FID needs at least 2 images")
-        if any(eta is not None and not hasattr(sampler, "eta") for eta in etas):
-            raise ValueError(f"evaluation.etas: {type(sampler).__name__} has no eta to vary")
         self.sampler, self.metrics = sampler, metrics
-        self.steps, self.guidance_scales, self.etas = list(steps), guidance_scales, list(etas)
-        self.teacher_steps = list(teacher_steps)
-        self.teacher_guidance_scale = teacher_guidance_scale
-        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
-        self.every_n_steps, self.grid_images = every_n_steps, grid_images
+        self.steps = _counts(steps, "evaluation.steps", high=sampler.num_ddim_timesteps,
+                             high_name=f"the sampler's grid (num_ddim_timesteps="
+                                       f"{sampler.num_ddim_timesteps})")
+        self.teacher_steps = _counts(teacher_steps, "evaluation.teacher_steps", empty_ok=True,
+                                     high=1000, high_name="the teacher's 1000 timesteps")
+        self.guidance_scales = None if guidance_scales is None else [
+            _scale(g, "evaluation.guidance_scales")
+            for g in _sequence(guidance_scales, "evaluation.guidance_scales")]
+        self.teacher_guidance_scale = None if teacher_guidance_scale is None else _scale(
+            teacher_guidance_scale, "evaluation.teacher_guidance_scale")
+        self.etas = [_eta(eta) for eta in _sequence(etas, "evaluation.etas")]
+        if any(eta is not None and not hasattr(sampler, "eta") for eta in self.etas):
+            raise ValueError(f"evaluation.etas: {type(sampler).__name__} has no eta to vary")
+        self.num_images = _integer(num_images, "evaluation.num_images", 2, "FID needs 2 images")
+        self.batch_size = _integer(batch_size, "evaluation.batch_size", 1)
+        self.seed = _integer(seed, "evaluation.seed", 0)
+        self.every_n_steps = _integer(every_n_steps, "evaluation.every_n_steps", 0,
+                                      "0 = only at the end")
+        self.grid_images = _integer(grid_images, "evaluation.grid_images", 1)
+        # Listed and checked now (before any model loads); images are read at evaluation.
+        self.dataset = None if dataset is None else load_evaluation_set(
+            dataset, self.num_images, self.seed)
+        self.cache_dir = cache_dir
         self.results: dict = {}
+        self.reference: dict = {}
         self._prompts: list[str] | None = None
+        self._fid_note: str | None = None
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -112,13 +146,38 @@ class Evaluation(L.Callback):
         """Fixed prompts and seeds; real-image and teacher references, computed once."""
         if self._prompts is not None:
             return
-        if not hasattr(datamodule, "evaluation_set"):
-            raise TypeError(f"{type(datamodule).__name__} has no evaluation_set(n): cannot "
-                            "evaluate (use metrics=none for a training-only run)")
-        self._prompts, real = datamodule.evaluation_set(self.num_images)
-        self._seeds = [self.seed + k for k in range(len(self._prompts))]
         self.metrics.to(module.device)
-        self.metrics.set_reference("real", real.to(module.device))
+        if self.dataset is not None:
+            self._prompts = list(self.dataset.prompts)
+            self._prepare_dataset_reference(module)
+        elif not hasattr(datamodule, "evaluation_set"):
+            raise TypeError(f"{type(datamodule).__name__} has no evaluation_set(n): cannot "
+                            "evaluate (set evaluation.dataset, or metrics=none for a "
+                            "training-only run)")
+        else:
+            self._prompts, real = datamodule.evaluation_set(self.num_images)
+            self.metrics.set_reference("real", real.to(module.device))
+        self._seeds = [self.seed + k for k in range(len(self._prompts))]
+
+    def _prepare_dataset_reference(self, module) -> None:
+        """Real reference statistics of the dataset's images, from the cache when it has them."""
+        fid = getattr(self.metrics, "fid", None)
+        if fid is None:
+            return
+        if not self.dataset.has_images:
+            self._fid_note = NO_REFERENCE
+            if not self.teacher_steps:  # FID has nothing at all to compare with
+                self.metrics = copy.copy(self.metrics)
+                self.metrics.fid = None
+            return
+        stats, path, cached = reference_statistics(
+            self.dataset.images, fid.feature, module.teacher_info.resolution, self.cache_dir,
+            getattr(fid, "batch_size", self.batch_size))
+        fid.set_reference_statistics(stats.mean, stats.cov, stats.num_samples, "real")
+        self.reference = {"source": self.dataset.source, "images": stats.num_samples,
+                          "cache": None if path is None else str(path), "cached": cached}
+        log.info("FID reference statistics of %s %s %s", self.dataset.source,
+                 "read from" if cached else "written to", path)
 
     def _teacher_settings(self, module) -> list[Setting]:
         scale = self.teacher_guidance_scale
@@ -131,13 +190,17 @@ class Evaluation(L.Callback):
         with Stopwatch(module.device) as watch:
             result = generate(unet, module.teacher_info, sampler, self._prompts, self._seeds,
                               setting.steps, setting.guidance_scale, self.batch_size,
-                              progress=True)
+                              progress=True, uncond=module.guidance.uncond)
         if setting.teacher and setting.steps == self.teacher_steps[0]:
             self.metrics.set_reference("teacher", result.images.to(module.device))
-        references = ["real"] if setting.teacher else None
+        references = None
+        if setting.teacher:  # the teacher's rows: FID vs real images only
+            references = [] if self._fid_note else ["real"]
         self.metrics.reset()
         self.metrics.update(result.images.to(module.device), self._prompts)
         row = self.metrics.compute(references)
+        if self._fid_note:
+            row["fid"] = self._fid_note
         row.update(SamplingCost(result.nfe, watch.seconds, len(result.images)).as_dict())
         output.mkdir(parents=True, exist_ok=True)
         grid = output / f"{setting.name}.png"
@@ -148,13 +211,66 @@ class Evaluation(L.Callback):
         return row
 
 
+def _sequence(values, setting: str) -> list:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{setting}={values!r} must be a list")
+    return list(values)
+
+
+def _integer(value, setting: str, low: int, why: str = "") -> int:
+    """``value`` as an int >= ``low``, else a ValueError naming ``setting``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"{setting}={value!r} must be an integer >= {low}{reason}")
+    return int(value)
+
+
+def _counts(values, setting: str, high: int, high_name: str, empty_ok: bool = False):
+    """Step counts: a list of integers in [1, high]."""
+    values = _sequence(values, setting)
+    if not values and not empty_ok:
+        raise ValueError(f"{setting} is empty: give at least one step count")
+    for value in values:
+        _integer(value, f"{setting}={values}: step count", 1)
+        if value > high:
+            raise ValueError(f"{setting}={values}: {value} steps exceed {high_name}")
+    return [int(v) for v in values]
+
+
+def _scale(value, setting: str) -> float:
+    """A diffusers-form guidance scale: a finite number >= 0 (1 = no CFG)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{setting}: guidance scale {value!r} must be a finite number >= 0")
+    return float(value)
+
+
+def _eta(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"evaluation.etas: eta {value!r} must lie in [0, 1] (or null)")
+    return float(value)
+
+
 def summary_table(rows: dict[str, dict]) -> str:
-    """A plain-text table of every evaluated setting (what run.py prints at the end)."""
+    """A plain-text table of every evaluated setting (what run.py prints at the end); a
+    metric that was not computed shows as ``n/a`` with the reason below the table."""
     columns = ["steps", "guidance_scale", "eta", "nfe", "fid", "fid_teacher", "clip",
                "aesthetic", "attribute_acc", "sec_per_image"]
     present = [c for c in columns if any(c in row for row in rows.values())]
-    cell = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa
+    notes = {f"{c}: {row[c]}" for row in rows.values() for c in present
+             if isinstance(row.get(c), str) and c not in ("steps", "guidance_scale", "eta")}
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, str):
+            return "n/a"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
     lines = [["setting"] + present]
     lines += [[name] + [cell(row.get(c)) for c in present] for name, row in rows.items()]
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in lines)
+    table = [("  ".join(v.rjust(w) for v, w in zip(line, widths))) for line in lines]
+    return "\n".join(table + sorted(notes))

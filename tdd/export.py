@@ -9,16 +9,24 @@ alpha = rank would apply the LoRA 8 times too strongly).
 ``fmt="kohya"``: ``tdd_lora_kohya.safetensors`` in the kohya / A1111 / ComfyUI layout, with the
 trained alpha in every ``.alpha`` key (diffusers' converter writes alpha = rank there).
 Next to the weights a small JSON records rank, alpha, scale and target modules.
+
+Every export also carries its sampler (:func:`export_sampler`): ``scheduler/`` holds the
+``scheduler_config.json`` of the run's evaluation sampler (its grid, eta, schedule options), so
+``<SchedulerClass>.from_pretrained(<export>/scheduler)`` in a stock pipeline samples as the run
+did, and ``sampling.json`` the pipeline call arguments of each evaluated step count (``eta``,
+which pipelines otherwise set to 0, and custom ``timesteps`` such as PCM's phase edges).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from tdd.sampling import Sampler
 
 ADAPTER = "default"
 WEIGHT_NAMES = {
@@ -63,7 +71,7 @@ def _save_diffusers(unet: nn.Module, path: Path) -> None:
 
     # PEFT key names (lora_A / lora_B), which load_lora_weights reads natively. diffusers'
     # convert_state_dict_to_diffusers renames only the attention projections, so on the
-    # resnet / conv targets of METHODS.md it writes a mixed file whose attention LoRA the
+    # resnet / conv targets of docs/methods.md it writes a mixed file whose attention LoRA the
     # loader then silently drops.
     StableDiffusionPipeline.save_lora_weights(
         path.parent, unet_lora_layers=_peft_state(unet),
@@ -99,6 +107,60 @@ def export_lora(student: nn.Module, directory: str | Path, fmt: str = "diffusers
     record = lora_record(unet, fmt, path.name)
     path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+SCHEDULER_DIR = "scheduler"
+SAMPLING_FILE = "sampling.json"
+
+
+def pipeline_call(sampler, scheduler, num_steps: int) -> dict:
+    """Keyword arguments for a stock pipeline's ``__call__`` that make it sample ``num_steps``
+    steps the way ``tdd.sampling.generate`` does with ``sampler``."""
+    call = {"num_inference_steps": num_steps, **sampler.step_kwargs()}
+    if type(sampler).set_timesteps is not Sampler.set_timesteps:  # a schedule of its own
+        sampler.set_timesteps(scheduler, num_steps)
+        call["timesteps"] = [int(t) for t in scheduler.timesteps]
+    return call
+
+
+def export_sampler(
+    sampler,
+    scheduler_config: Mapping,
+    directory: str | Path,
+    steps: Sequence[int],
+    guidance_scales: Sequence[float] = (1.0,),
+) -> Path:
+    """Write ``<directory>/scheduler/scheduler_config.json`` for ``sampler`` and
+    ``<directory>/sampling.json`` (scheduler class and the call arguments per step count)."""
+    directory = Path(directory)
+    scheduler = sampler.build(scheduler_config)
+    scheduler.save_pretrained(directory / SCHEDULER_DIR)
+    cls = type(scheduler)
+    record = {
+        "scheduler": cls.__name__,
+        "import": f"from {cls.__module__.split('.schedulers')[0]}.schedulers import "
+                  f"{cls.__name__}",
+        "guidance_scales": [float(g) for g in guidance_scales],
+        "calls": {str(k): pipeline_call(sampler, scheduler, int(k)) for k in steps},
+    }
+    path = directory / SAMPLING_FILE
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def export_student(
+    student: nn.Module,
+    sampler,
+    scheduler_config: Mapping,
+    directory: str | Path,
+    fmt: str = "diffusers",
+    steps: Sequence[int] = (4,),
+    guidance_scales: Sequence[float] = (1.0,),
+) -> Path:
+    """The distilled weights (``student.export``) and the sampler they were evaluated with."""
+    weights = Path(student.export(directory, fmt))
+    export_sampler(sampler, scheduler_config, directory, steps, guidance_scales)
+    return weights
 
 
 def load_trainable_state(
@@ -160,7 +222,10 @@ def export_run(run_dir: str | Path, checkpoint: str = "last", fmt: str = "diffus
                              guidance_embedding_dim=recipe.guidance.condition_dim)
     data = torch.load(ckpt, map_location="cpu", weights_only=False)
     load_trainable_state(student, data["state_dict"])
-    return Path(student.export(run_dir / f"export-{checkpoint}", fmt))
+    scales = cfg.evaluation.guidance_scales or recipe.guidance.inference_scales
+    return export_student(student, hydra.utils.instantiate(cfg.sampler),
+                          teacher.scheduler_config, run_dir / f"export-{checkpoint}", fmt,
+                          cfg.evaluation.steps, scales)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ from tdd.strategies import TargetStrategy
 
 
 class DistillationModule(L.LightningModule):
-    """Consistency distillation of ``teacher`` into a student (METHODS.md section 0).
+    """Consistency distillation of ``teacher`` into a student (docs/methods.md section 0).
 
     Random draws, all from ``self.generator`` in this order: source index i, target timestep s,
     empty-prompt mask, guidance scale w, VAE latent sample, forward noise.

@@ -1,4 +1,4 @@
-"""Model outputs to (x0, eps), the DDIM map and re-noising (METHODS.md sections 0 and 3)."""
+"""Model outputs to (x0, eps), the DDIM map and re-noising (docs/methods.md sections 0 and 3)."""
 
 from __future__ import annotations
 

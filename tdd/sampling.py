@@ -1,9 +1,9 @@
 """Few-step sampling of distilled students: one code path for evaluation and users.
 
 A :class:`Sampler` turns the teacher's scheduler config into the diffusers scheduler of one
-method (METHODS.md section 3); :func:`generate` runs any sampler on any student. Every image has
-its own ``torch.Generator`` (seeded by its seed) for its initial latent and for every step's
-noise, so image k is the same whatever the batch size or the other prompts in its batch.
+method (docs/methods.md section 3); :func:`generate` runs any sampler on any student. Every
+image has its own ``torch.Generator`` (seeded by its seed) for its initial latent and for every
+step's noise, so image k is the same whatever the batch size or the other prompts in its batch.
 """
 
 from __future__ import annotations
@@ -186,12 +186,15 @@ def _cast(conditioning: Conditioning, device, dtype) -> dict:
 def _sample_batch(
     unet, teacher: Teacher, sampler: Sampler, scheduler: SchedulerMixin,
     prompts: list[str], seeds: list[int], num_steps: int, guidance_scale: float, cfg: bool,
+    uncond: str = "empty",
 ) -> torch.Tensor:
     device, dtype = _module_device_dtype(unet)
     generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     conditioning = teacher.text(prompts)
     if cfg:  # unconditional first, as diffusers pipelines batch it
-        conditioning = teacher.text([""] * len(prompts)).cat(conditioning)
+        empty = (conditioning.zeros_like() if uncond == "zeros"
+                 else teacher.text([""] * len(prompts)))
+        conditioning = empty.cat(conditioning)
     unet_kwargs = _cast(conditioning, device, dtype)
     timestep_cond = None
     if unet.config.get("time_cond_proj_dim") is not None:  # w_embed student: w = g - 1
@@ -225,6 +228,7 @@ def generate(
     guidance_scale: float = 1.0,
     batch_size: int = 16,
     progress: bool = False,
+    uncond: str = "empty",
 ) -> SampleResult:
     """Sample one image per (prompt, seed) with ``unet`` (a student's UNet or the teacher's).
 
@@ -233,6 +237,9 @@ def generate(
     evaluations per step). A UNet with a guidance projection (``time_cond_proj_dim``, the
     w_embed students) instead takes ``w = g - 1`` as ``timestep_cond`` with one pass, as the
     diffusers pipelines do. (Pipelines skip CFG for g <= 1; here any g != 1 runs it.)
+    ``uncond="zeros"`` takes all-zero text embeddings as the unconditional side instead of the
+    encoded "" (the ``uncond: zeros`` guidance the student was trained with, and what SDXL
+    pipelines do for an empty negative prompt).
     """
     if len(prompts) != len(seeds) or not prompts:
         raise ValueError(f"generate: {len(prompts)} prompts and {len(seeds)} seeds; need the "
@@ -245,7 +252,7 @@ def generate(
     images = [
         _sample_batch(
             unet, teacher, sampler, scheduler, list(prompts[i : i + batch_size]),
-            list(seeds[i : i + batch_size]), num_steps, guidance_scale, cfg,
+            list(seeds[i : i + batch_size]), num_steps, guidance_scale, cfg, uncond,
         )
         for i in tqdm(batches, desc=f"sampling {num_steps} steps", disable=not progress)
     ]

@@ -1,4 +1,4 @@
-"""The VP noise schedule and the distillation grid (METHODS.md section 0)."""
+"""The VP noise schedule and the distillation grid (docs/methods.md section 0)."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def table(results: list[dict], metric: str = "fid", guidance_scale: float = 1.0)
                 cells[f"{row['steps']} steps"] = row.get(metric)
         columns.update(dict.fromkeys(sorted(cells, key=_column_order)))
         rows.append((run_label(result), cells))
-    if not any(v is not None for _, cells in rows for v in cells.values()):
+    if not any(isinstance(v, (int, float)) for _, cells in rows for v in cells.values()):
         raise ValueError(f"no evaluated metric {metric!r} at guidance scale {guidance_scale}")
     header = f"| run ({metric}) | " + " | ".join(columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 1)]
@@ -67,7 +67,10 @@ def _column_order(column: str) -> tuple[int, int]:
 
 
 def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+    """A number to 3 decimals; ``-`` when missing, ``n/a`` when not computed (a reason)."""
+    if value is None:
+        return "-"
+    return "n/a" if isinstance(value, str) else f"{value:.3f}"
 
 
 def plot(results: list[dict], metric: str, path: str | Path, guidance_scale: float = 1.0):
@@ -82,10 +85,12 @@ def plot(results: list[dict], metric: str, path: str | Path, guidance_scale: flo
         rows = [r for n, r in result.get("metrics", {}).items() if not r.get("teacher")
                 and r.get("guidance_scale") == guidance_scale and "_eta" not in n]
         rows.sort(key=lambda r: r["steps"])
-        line, = axis.plot([r["steps"] for r in rows], [r.get(metric) for r in rows], "o-",
+        rows = [r for r in rows if isinstance(r.get(metric), (int, float))]
+        line, = axis.plot([r["steps"] for r in rows], [r[metric] for r in rows], "o-",
                           label=run_label(result))
         for row in (r for r in result.get("metrics", {}).values() if r.get("teacher")):
-            axis.axhline(row.get(metric), color=line.get_color(), ls="--", lw=0.8)
+            if isinstance(row.get(metric), (int, float)):
+                axis.axhline(row[metric], color=line.get_color(), ls="--", lw=0.8)
     axis.set_xlabel("sampling steps")
     axis.set_ylabel(metric)
     axis.legend(fontsize=7)

@@ -50,7 +50,7 @@ def reference_sample(
     unet, teacher: Teacher, prompts: list[str], seeds: list[int], timesteps: list[int],
     kind: str, eta: float = 0.0, guidance_scale: float = 1.0, decode: bool = True,
 ) -> torch.Tensor:
-    """Few-step sampling written out step by step, one image at a time (METHODS.md section 3).
+    """Few-step sampling written out step by step, one image at a time (docs/methods.md section 3).
 
     ``kind`` is ``"gamma"`` (TCD/TDD/PCM: DDIM map to ``s = floor((1 - eta) t')``, re-noise to
     ``t'``) or ``"lcm"`` (boundary-scaled x0, re-noised to ``t'``); the last step ends at

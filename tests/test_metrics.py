@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,17 @@ from tdd.metrics import (
     require_file,
 )
 
-SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
-LAION_HEAD = SHARED_WEIGHTS / "laion-aesthetic-sac-logos-ava1-l14-linearMSE.pth"
+#: The published LAION aesthetic head (sac+logos+ava1-l14-linearMSE), written out: state_dict
+#: names and shapes of a Sequential of Linear layers with Dropout at 1, 3 and 5.
+LAION_LAYOUT = {
+    "layers.0.weight": (1024, 768), "layers.0.bias": (1024,),
+    "layers.2.weight": (128, 1024), "layers.2.bias": (128,),
+    "layers.4.weight": (64, 128), "layers.4.bias": (64,),
+    "layers.6.weight": (16, 64), "layers.6.bias": (16,),
+    "layers.7.weight": (1, 16), "layers.7.bias": (1,),
+}
+#: Set to the published head file to also check it (nothing is downloaded).
+LAION_HEAD_ENV = "TDD_LAION_HEAD"
 
 
 def textures(n: int, seed: int, size: int = 32) -> torch.Tensor:
@@ -126,20 +136,41 @@ def reference_mlp(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tens
     return x[:, 0]
 
 
-def test_aesthetic_head_loads_the_published_file_and_matches_the_reference():
-    if not LAION_HEAD.is_file():
-        pytest.skip(f"compatibility fixture absent: {LAION_HEAD} (see shared/weights/README.md)")
-    state = torch.load(LAION_HEAD, map_location="cpu", weights_only=True)
-    head = AestheticPredictor.load(LAION_HEAD)
-    assert {k: v.shape for k, v in head.state_dict().items()} == {
-        k: v.shape for k, v in state.items()
-    }
+@pytest.fixture()
+def laion_layout_head(tmp_path) -> Path:
+    """A head file with the published layout and random weights of the published scale."""
+    g = torch.Generator().manual_seed(0)
+    state = {name: 0.1 * torch.randn(shape, generator=g) for name, shape in LAION_LAYOUT.items()}
+    path = tmp_path / "laion-layout-random.pth"
+    torch.save(state, path)
+    return path
+
+
+def check_head_matches_reference(path: Path) -> None:
+    """Loads strictly with the published names and shapes, computes the written-out MLP."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in state.items()} == LAION_LAYOUT
+    head = AestheticPredictor.load(path)
+    assert {k: tuple(v.shape) for k, v in head.state_dict().items()} == LAION_LAYOUT
     g = torch.Generator().manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(8, 768, generator=g), dim=-1)
     got = head(emb)
     assert got.shape == (8,)
     torch.testing.assert_close(got, reference_mlp(state, emb), atol=1e-5, rtol=1e-5)
     assert torch.equal(head(emb), got)  # eval mode: dropout off
+
+
+def test_aesthetic_head_loads_the_published_layout_and_matches_the_reference(laion_layout_head):
+    check_head_matches_reference(laion_layout_head)
+    assert AestheticPredictor().state_dict().keys() == LAION_LAYOUT.keys()  # the default is it
+
+
+def test_aesthetic_head_loads_the_published_file():
+    path = os.environ.get(LAION_HEAD_ENV)
+    if not path:
+        pytest.skip(f"optional: set {LAION_HEAD_ENV}=<path to the published LAION head "
+                    "sac+logos+ava1-l14-linearMSE.pth> to check the real file")
+    check_head_matches_reference(Path(path))
 
 
 def test_aesthetic_load_is_strict(tmp_path):

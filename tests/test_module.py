@@ -1,4 +1,4 @@
-"""The module's training step against a plain written-out computation of METHODS.md section 0."""
+"""The module's training step against a plain written-out docs/methods.md section 0."""
 
 import copy
 import math
@@ -55,7 +55,7 @@ def sinusoidal(w: torch.Tensor, dim: int) -> torch.Tensor:
 
 def reference_loss(module, teacher, strategy, guidance, lcm_boundary: bool,
                    networks=None, w_embed_dim=None) -> torch.Tensor:
-    """METHODS.md section 0 written out, with diffusers' own alphas_cumprod.
+    """docs/methods.md section 0 written out, with diffusers' own alphas_cumprod.
 
     ``networks``: (teacher, online, target) UNets; by default the LoRA student's UNet with its
     adapters off (teacher) and on (online and target). ``w_embed_dim``: the student and target

@@ -1,4 +1,4 @@
-"""TDDScheduler: the diffusers scheduler contract and the gamma sampler of METHODS.md section 3."""
+"""TDDScheduler: the diffusers scheduler contract and the gamma sampler (docs/methods.md 3)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tdd.models.tiny import SD_SCHEDULER
 from tdd.schedulers import TDDScheduler
 from tdd.schedulers.tdd_scheduler import PUBLISHED_SCHEDULES
 
-# METHODS.md 1.1: the candidate sets M (0 prepended, 999 dropped).
+# docs/methods.md 1.1: the candidate sets M (0 prepended, 999 dropped).
 M_250 = [0, 127, 143, 167, 199, 251, 287, 335, 375, 399, 431, 499, 571, 599, 627, 667, 715, 751,
          799, 835, 859, 875]
 M_50 = [0, 139, 159, 179, 199, 259, 299, 339, 379, 399, 439, 499, 579, 599, 639, 679, 719, 759,
@@ -403,7 +403,7 @@ def test_pipeline_default_eta_zero_is_flagged_once(monkeypatch):
 # --- inside stock diffusers pipelines ---------------------------------------------------------
 
 def gamma_loop(unet_eps, x, timesteps: list[int], eta: float, generator) -> torch.Tensor:
-    """The gamma sampler written out (METHODS.md section 3), noise drawn from ``generator``."""
+    """The gamma sampler written out (docs/methods.md section 3), noise from ``generator``."""
     for step, t in enumerate(timesteps):
         eps = unet_eps(x, t)
         x0 = (x - math.sqrt(1 - abar(t)) * eps) / math.sqrt(abar(t))

@@ -1,4 +1,4 @@
-"""Guidance modes (METHODS.md section 2)."""
+"""Guidance modes (docs/methods.md section 2)."""
 
 from tdd.guidance.base import Guidance, combine
 from tdd.guidance.cfg import CFGGuidance

@@ -6,7 +6,7 @@ from tdd.guidance.base import Guidance
 
 
 class DecoupledGuidance(Guidance):
-    """Fixed teacher scale ``w`` (LCM form) and a share of empty prompts (METHODS.md 2).
+    """Fixed teacher scale ``w`` (LCM form) and a share of empty prompts (docs/methods.md 2).
 
     At inference the student runs ordinary CFG against the empty prompt at any scale g; g = 1
     is the distilled guidance (effective teacher scale about g * (1 + w)).

@@ -114,6 +114,23 @@ class FIDScorer(nn.Module):
             self.references[name] = metric.to(feats.device)
         self.references[name].update(feats, real=True)
 
+    def set_reference_statistics(
+        self, mean: Tensor, cov: Tensor, num_samples: int, name: str = "real"
+    ) -> None:
+        """Replace reference ``name`` by known statistics (e.g. cached on disk)."""
+        self.clear_reference(name)
+        device = module_device(self.feature)
+        metric = FrechetInceptionDistance(
+            feature=_Precomputed(mean.shape[0]), reset_real_features=False
+        ).to(device)
+        mean = mean.detach().to(device, torch.float64)
+        cov = cov.detach().to(device, torch.float64)
+        metric.real_features_sum = mean * num_samples
+        metric.real_features_cov_sum = cov * (num_samples - 1) + num_samples * torch.outer(
+            mean, mean)
+        metric.real_features_num_samples = torch.tensor(num_samples, device=device)
+        self.references[name] = metric
+
     def set_reference(self, images: Images, name: str = "real") -> None:
         """Replace reference ``name`` by the statistics of ``images``."""
         self.clear_reference(name)

@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from torch import nn
 
-#: METHODS.md section 4: the LoRA target modules of every published recipe.
+#: docs/methods.md section 4: the LoRA target modules of every published recipe.
 LORA_TARGET_MODULES = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
@@ -68,6 +68,8 @@ class LoRAStudent(Student):
     """peft LoRA adapters on the teacher UNet; the teacher is the same UNet with adapters off.
 
     Only one UNet is in memory. The target network is the online student under no-grad.
+    ``init_lora_weights=True`` is PEFT's default (Kaiming-uniform A, zero B), as every released
+    script starts; any other PEFT option (e.g. ``"gaussian"``) is passed through.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class LoRAStudent(Student):
         alpha: float = 64,
         target_modules: tuple[str, ...] | list[str] = LORA_TARGET_MODULES,
         guidance_embedding_dim: int | None = None,
+        init_lora_weights: bool | str = True,
     ):
         super().__init__()
         if guidance_embedding_dim is not None:
@@ -91,7 +94,7 @@ class LoRAStudent(Student):
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=list(target_modules),
-            init_lora_weights="gaussian",
+            init_lora_weights=init_lora_weights,
         ))
         self.unet = unet
 

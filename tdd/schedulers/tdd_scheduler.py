@@ -1,6 +1,6 @@
 """TDDScheduler: the gamma (eta) sampler of TCD and TDD as a drop-in diffusers scheduler.
 
-METHODS.md section 3. At step i with prediction (x0, eps) at timestep t, the next timestep t'
+docs/methods.md section 3. At step i with prediction (x0, eps) at timestep t, the next timestep t'
 (0 after the last step) and ``s = floor((1 - eta) * t')``: DDIM-map the prediction to s, then,
 unless this is the last step or eta = 0, forward-diffuse s -> t' with fresh noise.
 
@@ -59,8 +59,9 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
     prediction_type``), ``tdd_train_step`` (grid size N), ``special_jump`` (published
     non-equidistant schedules for K = 5, 6, 7 on N = 250), ``eta`` (used when ``step`` gets
     ``eta=None``), ``clip_x0`` + ``clip_steps`` (clamp x0 to [-1, 1] on the first ``clip_steps``
-    steps, i.e. ``t_l + 1`` of METHODS.md), and ``k_min, k_max`` (the trained candidate set M that
-    custom timesteps must come from). ``from_config`` accepts any SD / SDXL scheduler config.
+    steps, i.e. ``t_l + 1`` of docs/methods.md section 3), and ``k_min, k_max`` (the trained
+    candidate set M that custom timesteps must come from). ``from_config`` accepts any SD / SDXL
+    scheduler config.
 
     Stock diffusers pipelines call ``step`` with ``eta=0.0`` unless they are called with
     ``eta=...``: pass the eta you want (``pipe(..., eta=0.2)``), or sampling is plain DDIM.
@@ -222,7 +223,7 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
         generator: Generators = None,
         return_dict: bool = True,
     ) -> TDDSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """One gamma-sampler step from ``timestep`` (METHODS.md section 3).
+        """One gamma-sampler step from ``timestep`` (docs/methods.md section 3).
 
         ``eta=None`` uses the configured eta. ``generator`` may be a list with one generator per
         sample, so each image's noise is independent of the batch it is in; ``None`` draws from

@@ -8,7 +8,7 @@ from tdd.strategies.base import TargetStrategy
 
 
 class TDDTarget(TargetStrategy):
-    """Target-driven timestep selection (Wang et al. 2024, TDD; METHODS.md 1.1).
+    """Target-driven timestep selection (Wang et al. 2024, TDD; docs/methods.md 1.1).
 
     Candidates M: the union of the k-step schedules for k in [k_min, k_max], with 0 prepended
     and the largest (999) dropped. Per sample, keyed on t_prev: u = max{m in M : m <= t_prev},
