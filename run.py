@@ -7,14 +7,16 @@
 from __future__ import annotations
 
 import json
-import time
+import signal
 from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import tdd.config  # noqa: F401  (registers the ${asset:...} resolver)
+from tdd.callbacks import Interrupted, RunClock, StopOnSignal
 from tdd.evaluation import summary_table
 from tdd.export import export_student
 from tdd.factory import (
@@ -22,9 +24,10 @@ from tdd.factory import (
     check_paths,
     finish_loggers,
     instantiate_group,
-    resolve_ckpt_path,
+    resume_target,
 )
 from tdd.module import DistillationModule
+from tdd.resume import resume_command
 
 
 def train(cfg: DictConfig) -> dict:
@@ -32,7 +35,7 @@ def train(cfg: DictConfig) -> dict:
     # Cheap objects first: a bad setting or path fails here, before any model is loaded.
     recipe = build_recipe(cfg)
     check_paths(cfg)
-    ckpt_path = resolve_ckpt_path(cfg)
+    ckpt_path = resume_target(cfg)  # a resume into a run directory writes there
     evaluation = hydra.utils.instantiate(cfg.evaluation)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -46,11 +49,12 @@ def train(cfg: DictConfig) -> dict:
     loggers = instantiate_group(cfg.get("logger"))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    callbacks = instantiate_group(cfg.get("callbacks")) + [evaluation]
+    output_dir = Path(cfg.paths.output_dir)
+    clock = RunClock()  # the run's time, across resumed segments
+    stop = StopOnSignal(resume_command(str(output_dir)))  # SIGTERM/USR1/INT: checkpoint, exit
+    callbacks = instantiate_group(cfg.get("callbacks")) + [evaluation, clock, stop]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    output_dir = Path(cfg.paths.output_dir)
-    start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         exported = None
@@ -59,15 +63,19 @@ def train(cfg: DictConfig) -> dict:
             exported = str(export_student(module.student, evaluation.sampler,
                                           teacher.scheduler_config, output_dir / "export",
                                           cfg.export.fmt, evaluation.steps, scales))
+    except SIGTERMException as error:  # Lightning's own SIGTERM stop would exit with status 0
+        raise Interrupted(signal.SIGTERM) from error
     finally:
         finish_loggers(loggers)
     results = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "train": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "metrics": evaluation.results.get("rows", {}),
-        "timings": {"seconds": time.perf_counter() - start, "global_step": trainer.global_step},
+        "timings": {"seconds": clock.seconds(), "segments": clock.segments(),
+                    "global_step": trainer.global_step},
         "checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
         "export": exported,
+        "data": datamodule.report() if hasattr(datamodule, "report") else None,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -12,8 +12,13 @@ import random
 import resource
 import statistics
 from functools import partial
+from pathlib import Path
 
+import hydra
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 
 from tdd.guidance import DecoupledGuidance, combine
 from tdd.losses import PseudoHuberLoss
@@ -22,9 +27,22 @@ from tdd.models.students import LoRAStudent
 from tdd.module import DistillationModule
 from tdd.prediction import ddim_map
 from tdd.sampling import DDIMSampler, TCDSampler, TDDSampler, generate
-from tdd.strategies import LCMTarget, PCMTarget, TCDTarget, TDDTarget
+from tdd.strategies import TDDTarget
 
-STRATEGIES = {"tdd": TDDTarget, "lcm": LCMTarget, "tcd": TCDTarget, "pcm": PCMTarget}
+#: The configs of the source checkout: every conf/strategy/ option is benchmarked.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def strategy_configs(conf_dir: str | Path = CONF_DIR) -> dict[str, DictConfig]:
+    """Each option of ``conf/strategy/`` composed as ``run.py strategy=<name>`` composes it."""
+    names = sorted(path.stem for path in Path(conf_dir, "strategy").glob("*.yaml"))
+    if not names:
+        raise FileNotFoundError(f"no strategy configs under {Path(conf_dir, 'strategy')}: the "
+                                "benchmark reads conf/ of a source checkout")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(Path(conf_dir).resolve()), version_base="1.3"):
+        return {name: compose("config", overrides=[f"strategy={name}"]).strategy
+                for name in names}
 
 
 def _median_seconds(fns: dict, device, repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -103,8 +121,8 @@ def framework_step(module, batch, optimizer):
     _optimizer_step(module, optimizer, module.training_step(batch, 0))
 
 
-def build(teacher_factory, strategy_name: str, device, num_ddim_timesteps: int):
-    strategy = STRATEGIES[strategy_name](num_ddim_timesteps=num_ddim_timesteps)
+def build(teacher_factory, strategy_config: DictConfig, device):
+    strategy = hydra.utils.instantiate(strategy_config)
     module = DistillationModule(teacher_factory(), partial(LoRAStudent, rank=16, alpha=16),
                                 strategy, DecoupledGuidance(), PseudoHuberLoss(),
                                 partial(torch.optim.AdamW, lr=1e-5)).to(device)
@@ -132,9 +150,9 @@ def run(model: str, batch_size: int, repeats: int, images: int, device: str) -> 
     report = {"device": str(device), "model": model, "batch_size": batch_size, "steps": {}}
     load = {"teacher_load_s": teacher_factory}  # what a run pays before its first step
     report.update(_median_seconds(load, device, repeats))
-    for name in STRATEGIES:
-        module, optimizer = build(teacher_factory, name, device, 250 if name == "tdd" else 50)
-        resolution = module.teacher_info.resolution
+    for name, strategy_config in strategy_configs().items():
+        module, optimizer = build(teacher_factory, strategy_config, device)
+        resolution = module.teacher.resolution
         batch = {"pixel_values": torch.rand(batch_size, 3, resolution, resolution,
                                             generator=generator).to(device) * 2 - 1,
                  "caption": ["a red striped circle at the top left"] * batch_size}
@@ -151,7 +169,7 @@ def run(model: str, batch_size: int, repeats: int, images: int, device: str) -> 
     prompts = ["a red striped circle at the top left"] * images
     seeds = list(range(images))
     unet = module.student.sampling_unet
-    sample = partial(generate, teacher=module.teacher_info, prompts=prompts, seeds=seeds)
+    sample = partial(generate, pipeline=module.teacher, prompts=prompts, seeds=seeds)
 
     def teacher_sample():
         with module.student.as_teacher() as teacher_unet:

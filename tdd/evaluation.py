@@ -171,7 +171,7 @@ class Evaluation(L.Callback):
                 self.metrics.fid = None
             return
         stats, path, cached = reference_statistics(
-            self.dataset.images, fid.feature, module.teacher_info.resolution, self.cache_dir,
+            self.dataset.images, fid.feature, module.teacher.resolution, self.cache_dir,
             getattr(fid, "batch_size", self.batch_size))
         fid.set_reference_statistics(stats.mean, stats.cov, stats.num_samples, "real")
         self.reference = {"source": self.dataset.source, "images": stats.num_samples,
@@ -188,7 +188,7 @@ class Evaluation(L.Callback):
 
     def _score(self, unet, sampler, setting: Setting, module, output: Path) -> dict:
         with Stopwatch(module.device) as watch:
-            result = generate(unet, module.teacher_info, sampler, self._prompts, self._seeds,
+            result = generate(unet, module.teacher, sampler, self._prompts, self._seeds,
                               setting.steps, setting.guidance_scale, self.batch_size,
                               progress=True, uncond=module.guidance.uncond)
         if setting.teacher and setting.steps == self.teacher_steps[0]:

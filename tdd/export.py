@@ -184,21 +184,6 @@ def load_trainable_state(
     student.load_state_dict(own, strict=False)
 
 
-def export_lora_from_checkpoint(
-    checkpoint: str | Path,
-    student: nn.Module,
-    directory: str | Path,
-    fmt: str = "diffusers",
-    prefix: str = "student.",
-) -> Path:
-    """Export the LoRA stored in a training checkpoint through a freshly built ``student``
-    (same rank, alpha and target modules as the run). The checkpoint is unpickled in full:
-    load only checkpoints of runs you trust."""
-    data = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    load_trainable_state(student, data.get("state_dict", data), prefix)
-    return export_lora(student, directory, fmt)
-
-
 def export_run(run_dir: str | Path, checkpoint: str = "last", fmt: str = "diffusers") -> Path:
     """Export a run's checkpoint on demand: rebuild its teacher and student from the run's
     saved config (``.hydra/config.yaml``), load the trainable state, write ``export-<ckpt>/``."""

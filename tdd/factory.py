@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -11,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tdd.guidance import Guidance
 from tdd.models.teacher import check_teacher_dir
+from tdd.resume import check_run_config, find_resume
 from tdd.strategies import TargetStrategy
 
 
@@ -37,13 +37,8 @@ def build_recipe(cfg: DictConfig) -> Recipe:
     """Instantiate and cross-check the strategy, guidance, student, loss and optimizer."""
     recipe = Recipe(*(_instantiate(cfg, key) for key in
                       ("strategy", "guidance", "student", "loss", "optimizer", "lr_scheduler")))
-    student_cls = getattr(recipe.student, "func", recipe.student)
-    if recipe.guidance.embeds_w and not getattr(student_cls, "supports_guidance_embedding", 0):
-        raise ValueError(
-            f"guidance={type(recipe.guidance).__name__} feeds w to the student as timestep_cond, "
-            f"which needs a guidance projection (time_cond_proj_dim) that "
-            f"{student_cls.__name__} cannot add: use student=full"
-        )
+    student_cls = getattr(recipe.student, "func", recipe.student)  # a partial of the class
+    student_cls.check_guidance_embedding(recipe.guidance.condition_dim)
     return recipe
 
 
@@ -54,15 +49,17 @@ def check_paths(cfg: DictConfig) -> None:
         check_teacher_dir(path, "model.path")
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path=last`` means ``<output_dir>/checkpoints/last.ckpt``; other paths must exist."""
-    if cfg.ckpt_path in (None, ""):
+def resume_target(cfg: DictConfig) -> str | None:
+    """The checkpoint ``ckpt_path`` names; a resume into a run directory (a run directory, or a
+    file in its checkpoints/, or ``last``) also points ``paths.output_dir`` at that directory,
+    after checking that the run's recipe is the one composed now (tdd.resume)."""
+    resume = find_resume(cfg)
+    if resume is None:
         return None
-    path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    path = path if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no checkpoint at {path}")
-    return str(path)
+    if resume.run_dir is not None:
+        check_run_config(cfg, resume.run_dir)
+        cfg.paths.output_dir = str(resume.run_dir)
+    return str(resume.checkpoint)
 
 
 def instantiate_group(cfg: DictConfig | None) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import lightning as L
@@ -44,12 +45,12 @@ class DistillationModule(L.LightningModule):
             )
         self.student = student(unet=teacher.unet, guidance_embedding_dim=guidance.condition_dim)
         self.vae, self.text = teacher.vae, teacher.text
-        self.teacher_info = teacher
+        self.teacher = teacher  # the frozen bundle: its VAE, text encoder and noise schedule
         self.strategy, self.guidance, self.loss_fn = strategy, guidance, loss_fn
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.generator = torch.Generator().manual_seed(seed)
         self.loss_buckets = loss_buckets
-        self.strict_loading = False  # checkpoints hold trainable state only
+        self.strict_loading = False  # checkpoints hold trainable state only: checked below
         self._empty: Conditioning | None = None
         self._bucket_sums = torch.zeros(loss_buckets, dtype=torch.float64)
         self._bucket_counts = torch.zeros(loss_buckets, dtype=torch.float64)
@@ -61,7 +62,8 @@ class DistillationModule(L.LightningModule):
         i = grid.sample_index(len(batch["caption"]), g)
         t, t_prev, s = grid[i], grid.previous(i), self.strategy.sample(i, generator=g)
         t, t_prev, s = t.to(self.device), t_prev.to(self.device), s.to(self.device)
-        cond, w = self.encode_prompts(batch["caption"])
+        cond, w = self.encode_prompts(batch["caption"], batch.get("original_size"),
+                                      batch.get("crop_top_left"))
         # 2. x_t = a_t * x0 + s_t * noise
         x0 = self.encode_images(batch["pixel_values"])
         x_t = self.schedule.add_noise(x0, self.randn_like(x0), t)
@@ -80,18 +82,20 @@ class DistillationModule(L.LightningModule):
         return loss.mean()
 
     # -- the pieces it calls ---------------------------------------------------------------------
-    def encode_prompts(self, captions: list[str]) -> tuple[Conditioning, torch.Tensor]:
-        """Drop a share of captions to "" and encode; draw the teacher's guidance scale w."""
+    def encode_prompts(self, captions: list[str], original_size=None, crop_top_left=None
+                       ) -> tuple[Conditioning, torch.Tensor]:
+        """Drop a share of captions to "" and encode (with the images' size conditioning where
+        the teacher takes it, SDXL); draw the teacher's guidance scale w."""
         captions = self.guidance.drop_captions(list(captions), self.generator)
         w = self.guidance.sample_w(len(captions), self.generator)
-        return self.text(captions), w
+        return self.text(captions, original_size, crop_top_left), w
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """VAE latent sample times the scaling factor (the teacher's x0)."""
         posterior = self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
         latents = posterior.mean + posterior.std * self.randn_like(posterior.mean)
-        return latents * self.teacher_info.scaling_factor
+        return latents * self.teacher.scaling_factor
 
     @torch.no_grad()
     def teacher_step(self, x_t, t, t_prev, cond: Conditioning, w) -> torch.Tensor:
@@ -99,7 +103,7 @@ class DistillationModule(L.LightningModule):
         if not self.guidance.uses_uncond:
             x0, eps = self.predict(self.student.teacher, x_t, t, cond)
             return ddim_map(x0, eps, t_prev, self.schedule)
-        uncond = self.guidance.unconditional(cond, self.empty_conditioning)
+        uncond = self.guidance.unconditional(cond, self.empty_conditioning).with_sizes_of(cond)
         x0, eps = self.predict(self.student.teacher, x_t.repeat(2, 1, 1, 1), t.repeat(2),
                                cond.cat(uncond))
         (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
@@ -110,7 +114,7 @@ class DistillationModule(L.LightningModule):
         """Run ``network`` and convert its output to (x0, eps) at (x, t)."""
         output = network(x, t, cond, *timestep_cond)
         alpha, sigma = self.schedule.coefficients(t, x)
-        return to_x0_eps(output.to(x.dtype), x, alpha, sigma, self.teacher_info.prediction_type)
+        return to_x0_eps(output.to(x.dtype), x, alpha, sigma, self.teacher.prediction_type)
 
     def empty_conditioning(self, batch_size: int) -> Conditioning:
         """The encoded empty prompt, computed once (the text encoder is frozen)."""
@@ -127,8 +131,8 @@ class DistillationModule(L.LightningModule):
         """Log the loss every step, and per timestep bucket its mean over the log interval."""
         if not torch.isfinite(loss).all():
             raise FloatingPointError(
-                f"non-finite distillation loss at step {self.global_step}: stopping; the last "
-                "saved checkpoint is the last good one"
+                f"non-finite distillation loss at step {self.global_step}: stopping; "
+                f"{self._newest_checkpoint()}"
             )
         self.log("train/loss", loss.mean(), prog_bar=True, batch_size=len(loss))
         bucket = (t * self.loss_buckets // self.schedule.num_train_timesteps).cpu()
@@ -157,15 +161,91 @@ class DistillationModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.student.update_target()
 
+    def on_train_start(self) -> None:
+        """Apply the configured optimizer settings (lr, betas, ...) over those a resumed
+        checkpoint restored, so that a resume with ``optimizer.lr=...`` runs with that value."""
+        configured = self.optimizer_factory(params=[torch.zeros(1, requires_grad=True)])
+        settings = {k: v for k, v in configured.param_groups[0].items() if k != "params"}
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                changed = {k: (group[k], v) for k, v in settings.items()
+                           if k in group and _differs(group[k], v)}
+                group.update({k: new for k, (_, new) in changed.items()})
+                if "lr" in changed and "initial_lr" in group:
+                    group["initial_lr"] = settings["lr"]
+                for key, (old, new) in changed.items() if self.trainer.is_global_zero else ():
+                    print(f"optimizer.{key}: {new} (the checkpoint had {old})", flush=True)
+        for config in self.trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, "base_lrs"):
+                config.scheduler.base_lrs = [settings["lr"]] * len(config.scheduler.base_lrs)
+
+    def _newest_checkpoint(self) -> str:
+        """What the non-finite message says about the checkpoints (never a non-finite state)."""
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        path = getattr(callback, "last_model_path", "") or ""
+        if not path or not os.path.isfile(path):
+            return "no checkpoint was saved"
+        step = getattr(callback, "last_saved_step", None)
+        at = f" (step {step})" if step is not None else ""
+        return f"the newest checkpoint is {path}{at}, saved with finite weights"
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = self.student.trainable_state_dict()
         checkpoint["state_dict"] = {f"student.{k}": v for k, v in state.items()}
         checkpoint["generator_state"] = self.generator.get_state()
+        checkpoint["recipe"] = self.recipe()
+
+    def recipe(self) -> dict:
+        """What a checkpoint records about the run that wrote it (to explain a mismatch)."""
+        return {"student": type(self.student).__name__, "strategy": type(self.strategy).__name__,
+                "guidance": type(self.guidance).__name__,
+                "guidance_embedding_dim": self.guidance.condition_dim}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        unknown = set(checkpoint["state_dict"]) - set(self.state_dict())
-        if unknown:
-            raise KeyError(f"checkpoint holds {len(unknown)} tensors this model lacks, e.g. "
-                           f"{sorted(unknown)[:3]}: was it written by another student config?")
+        expected = {f"student.{k}": v for k, v in self.student.trainable_state_dict().items()}
+        check_trainable_state(checkpoint["state_dict"], expected,
+                              checkpoint.get("recipe", {}), self.recipe())
         if "generator_state" in checkpoint:
             self.generator.set_state(checkpoint["generator_state"])
+
+
+def _differs(a, b) -> bool:
+    return (list(a) != list(b)) if isinstance(a, (tuple, list)) else a != b
+
+
+def check_trainable_state(saved: dict, expected: dict, saved_recipe: dict, recipe: dict) -> None:
+    """A checkpoint must hold exactly the model's trainable tensors, with the same shapes; the
+    error names the tensors and the likely config difference."""
+    missing = sorted(expected.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & saved.keys()
+                      if tuple(saved[k].shape) != tuple(expected[k].shape))
+    if not (missing or unexpected or reshaped):
+        return
+    parts = [f"{len(names)} {what} (e.g. {names[:3]})" for names, what in (
+        (missing, "trainable tensors of this model are missing"),
+        (unexpected, "tensors this model lacks are present"),
+        (reshaped, "tensors have another shape")) if names]
+    likely = [f"{key} {saved_recipe[key]!r} in the checkpoint, {value!r} now"
+              for key, value in recipe.items()
+              if key in saved_recipe and saved_recipe[key] != value]
+    names = missing + unexpected
+    if any("lora_" in k for k in reshaped):
+        likely.append("another student.rank")
+    if any("lora_" in k for k in names) and not likely:
+        likely.append("another student (lora/full) or LoRA target modules")
+    if any(k.startswith("student.ema") for k in names):
+        likely.append("another student.ema_decay (EMA on or off)")
+    if any("cond_proj" in k for k in names + reshaped):
+        likely.append("another guidance (w_embed adds a guidance projection)")
+    raise CheckpointMismatch(
+        f"the checkpoint does not fit this model: {'; '.join(parts)}. Likely another student "
+        f"config: {'; '.join(likely) or 'compare the student settings'}"
+    )
+
+
+class CheckpointMismatch(KeyError):
+    """A checkpoint whose trainable tensors do not match the model's (message unquoted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tdd.schedule import NoiseSchedule
+from tdd.schedule import NoiseSchedule, append_dims
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -49,5 +49,5 @@ def renoise(
 ) -> torch.Tensor:
     """Forward-diffuse s -> t >= s: ``sqrt(abar_t/abar_s) x_s + sqrt(1 - abar_t/abar_s) z``."""
     abar = schedule.alphas_cumprod.to(x_s.device)
-    ratio = (abar[t.long()] / abar[s.long()]).reshape(-1, *([1] * (x_s.ndim - 1))).to(x_s)
+    ratio = append_dims(abar[t.long()] / abar[s.long()], x_s.ndim).to(x_s)
     return ratio.sqrt() * x_s + (1 - ratio).sqrt() * noise

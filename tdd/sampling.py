@@ -17,11 +17,11 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from tdd.guidance.w_embed import guidance_embedding
+from tdd.embedding import guidance_embedding
 from tdd.models.conditioning import Conditioning
 from tdd.models.teacher import Teacher
+from tdd.schedule import DistillationGrid, check_eta
 from tdd.schedulers import TDDScheduler
-from tdd.strategies.pcm import PCMTarget
 
 #: Settings every sampler forces on the teacher config: no x0 clipping or thresholding.
 _SAFE = {"clip_sample": False, "thresholding": False}
@@ -47,11 +47,6 @@ class Sampler:
         return {}
 
 
-def _check_eta(eta: float) -> None:
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"sampler.eta={eta} must lie in [0, 1]")
-
-
 @dataclass(frozen=True)
 class TDDSampler(Sampler):
     """TDD: gamma sampler with eta = 0.2 (:class:`TDDScheduler`), optional published
@@ -66,7 +61,7 @@ class TDDSampler(Sampler):
     k_max: int = 8
 
     def __post_init__(self):
-        _check_eta(self.eta)
+        check_eta(self.eta, "sampler.eta")
 
     def build(self, scheduler_config):
         return TDDScheduler.from_config(
@@ -101,7 +96,7 @@ class TCDSampler(Sampler):
     eta: float = 0.3
 
     def __post_init__(self):
-        _check_eta(self.eta)
+        check_eta(self.eta, "sampler.eta")
 
     def build(self, scheduler_config):
         return TCDScheduler.from_config(
@@ -123,14 +118,9 @@ class PCMSampler(Sampler):
     """
 
     def timesteps(self, num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
-        if not 1 <= num_steps <= self.num_ddim_timesteps:
-            raise ValueError(
-                f"PCM sampler: num_steps={num_steps} must lie in [1, num_ddim_timesteps="
-                f"{self.num_ddim_timesteps}]"
-            )
-        target = PCMTarget(num_train_timesteps, self.num_ddim_timesteps, num_phases=num_steps)
-        edges = target.edge_timesteps[target.edge_timesteps > 0].flip(0)
-        return [int(target.grid.timesteps[-1])] + edges.tolist()
+        grid = DistillationGrid(num_train_timesteps, self.num_ddim_timesteps)
+        _, edges = grid.phase_edges(num_steps, "PCM sampler: num_steps")
+        return [int(grid.timesteps[-1])] + edges[edges > 0].flip(0).tolist()
 
     def build(self, scheduler_config):
         return TCDScheduler.from_config(
@@ -184,25 +174,25 @@ def _cast(conditioning: Conditioning, device, dtype) -> dict:
 
 @torch.no_grad()
 def _sample_batch(
-    unet, teacher: Teacher, sampler: Sampler, scheduler: SchedulerMixin,
+    unet, pipeline: Teacher, sampler: Sampler, scheduler: SchedulerMixin,
     prompts: list[str], seeds: list[int], num_steps: int, guidance_scale: float, cfg: bool,
     uncond: str = "empty",
 ) -> torch.Tensor:
     device, dtype = _module_device_dtype(unet)
     generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-    conditioning = teacher.text(prompts)
+    conditioning = pipeline.text(prompts)
     if cfg:  # unconditional first, as diffusers pipelines batch it
         empty = (conditioning.zeros_like() if uncond == "zeros"
-                 else teacher.text([""] * len(prompts)))
+                 else pipeline.text([""] * len(prompts)))
         conditioning = empty.cat(conditioning)
     unet_kwargs = _cast(conditioning, device, dtype)
     timestep_cond = None
     if unet.config.get("time_cond_proj_dim") is not None:  # w_embed student: w = g - 1
         w = torch.full((len(prompts),), guidance_scale - 1.0)
         timestep_cond = guidance_embedding(w, unet.config.time_cond_proj_dim).to(device, dtype)
-    scale = 2 ** (len(teacher.vae.config.block_out_channels) - 1)
-    shape = (len(prompts), unet.config.in_channels, teacher.resolution // scale,
-             teacher.resolution // scale)
+    scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    shape = (len(prompts), unet.config.in_channels, pipeline.resolution // scale,
+             pipeline.resolution // scale)
     x = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
     x = x * scheduler.init_noise_sigma
     sampler.set_timesteps(scheduler, num_steps, device=device)
@@ -213,14 +203,14 @@ def _sample_batch(
             uncond, cond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
         x = scheduler.step(out, t, x, generator=generators, **sampler.step_kwargs()).prev_sample
-    vae = teacher.vae
-    image = vae.decode(x.to(vae.dtype) / teacher.scaling_factor).sample
+    vae = pipeline.vae
+    image = vae.decode(x.to(vae.dtype) / pipeline.scaling_factor).sample
     return (image.float() * 0.5 + 0.5).clamp(0, 1).cpu()
 
 
 def generate(
     unet: torch.nn.Module,
-    teacher: Teacher,
+    pipeline: Teacher,
     sampler: Sampler,
     prompts: Sequence[str],
     seeds: Sequence[int],
@@ -231,6 +221,9 @@ def generate(
     uncond: str = "empty",
 ) -> SampleResult:
     """Sample one image per (prompt, seed) with ``unet`` (a student's UNet or the teacher's).
+
+    ``pipeline`` supplies the other parts of the diffusion pipeline: the text encoder, the VAE,
+    the noise-schedule config and the resolution (those of the teacher the student came from).
 
     ``guidance_scale`` g: g = 1 is one UNet pass per step; otherwise ordinary CFG against the
     encoded empty prompt, ``eps(empty) + g * (eps(c) - eps(empty))``, in one batched call (two
@@ -247,11 +240,11 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"generate: batch_size={batch_size} must be >= 1")
     cfg = guidance_scale != 1.0 and unet.config.get("time_cond_proj_dim") is None
-    scheduler = sampler.build(teacher.scheduler_config)
+    scheduler = sampler.build(pipeline.scheduler_config)
     batches = range(0, len(prompts), batch_size)
     images = [
         _sample_batch(
-            unet, teacher, sampler, scheduler, list(prompts[i : i + batch_size]),
+            unet, pipeline, sampler, scheduler, list(prompts[i : i + batch_size]),
             list(seeds[i : i + batch_size]), num_steps, guidance_scale, cfg, uncond,
         )
         for i in tqdm(batches, desc=f"sampling {num_steps} steps", disable=not progress)

@@ -1,4 +1,5 @@
-"""The VP noise schedule and the distillation grid (docs/methods.md section 0)."""
+"""The VP noise schedule, the distillation grid and the timesteps drawn from it
+(docs/methods.md sections 0, 1 and 3)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ from typing import Any
 
 import numpy as np
 import torch
+
+#: The noise schedule of Stable Diffusion 1.x / 2.x / XL as a diffusers scheduler config.
+SD_SCHEDULER = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
+    "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
+}
 
 
 def alphas_cumprod_from_config(config: Mapping[str, Any]) -> torch.Tensor:
@@ -96,3 +104,31 @@ class DistillationGrid:
             raise ValueError(f"num_steps={num_steps} must lie in [1, grid size {self.size}]")
         positions = np.floor(np.linspace(0, self.size, num_steps, endpoint=False)).astype(int)
         return self.timesteps.flip(0)[torch.from_numpy(positions)]
+
+    def tdd_candidates(self, k_min: int, k_max: int) -> torch.Tensor:
+        """TDD's candidate set M (docs/methods.md 1.1): the union of the k-step schedules for k in
+        [k_min, k_max], sorted, with 0 prepended and the largest (the grid top) dropped."""
+        if not 1 <= k_min <= k_max <= self.size:
+            raise ValueError(f"need 1 <= k_min ({k_min}) <= k_max ({k_max}) <= "
+                             f"num_ddim_timesteps ({self.size})")
+        union = torch.unique(torch.cat([self.schedule(k) for k in range(k_min, k_max + 1)]))
+        return torch.cat([torch.zeros(1, dtype=torch.long), union[:-1]])
+
+    def phase_edges(self, num_phases: int, setting: str = "num_phases"):
+        """PCM's phases (Wang et al. 2024): edge indices ``floor(linspace(0, N, M))`` and their
+        timesteps, 0 for index 0 else ``grid[e - 1]``. ``setting`` names the value in errors."""
+        if not 1 <= num_phases <= self.size:
+            raise ValueError(f"{setting}={num_phases} must lie in [1, num_ddim_timesteps="
+                             f"{self.size}]")
+        edges = np.floor(np.linspace(0, self.size, num_phases, endpoint=False))
+        indices = torch.from_numpy(edges.astype(np.int64))
+        timesteps = torch.where(indices == 0, 0, self[(indices - 1).clamp(min=0)])
+        return indices, timesteps
+
+
+def check_eta(eta: float, setting: str) -> float:
+    """The gamma sampler's eta must lie in [0, 1]; ``setting`` names it in the error."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"{setting}={eta} must lie in [0, 1]")
+    return eta
+

@@ -5,11 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers_wandb import read_history
 from omegaconf import open_dict
 
 from run import train
 from tdd.evaluation import Setting, summary_table
-from tdd.wandb_records import read_history
 
 
 def test_setting_names():

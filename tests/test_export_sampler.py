@@ -15,7 +15,8 @@ from diffusers import StableDiffusionPipeline
 from helpers_sampling import perturbed_lora_student
 
 from tdd.export import export_student
-from tdd.models.tiny import build_tiny, save_pipeline
+from tdd.models.teacher import save_pipeline
+from tdd.models.tiny import build_tiny
 from tdd.sampling import generate
 
 PROMPTS = ["a red striped circle", "a blue square at the top left"]

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
 
 import tdd.metrics.suite as suite_module
-import tdd.toy.evaluator as toy_evaluator
+import tdd.metrics.toy as toy_evaluator
+import tdd.toy.clip as toy_clip
 from tdd.config import asset_path
 from tdd.data.shapes import eval_scenes, reference_renders
 from tdd.metrics import (
@@ -33,6 +34,7 @@ from tdd.metrics import (
     MetricSuite,
     NoMetrics,
     clip_score,
+    load_clip,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -124,7 +126,7 @@ def tiny_clip_files(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def tiny_scorer(tiny_clip_files) -> CLIPScorer:
-    return CLIPScorer.from_checkpoint(str(tiny_clip_files[0]), tiny_clip_files[1], batch_size=5)
+    return CLIPScorer(*load_clip(str(tiny_clip_files[0]), tiny_clip_files[1]), batch_size=5)
 
 
 def test_clip_score_formula():
@@ -145,12 +147,12 @@ def test_clip_score_prefers_matching_captions(tiny_scorer):
     assert (matching > wrong).float().mean() > 0.9
 
 
-def test_clip_scorer_from_checkpoint_equals_the_model_it_was_saved_from(tiny_clip_files):
+def test_clip_scorer_on_a_loaded_checkpoint_equals_the_model_it_was_saved_from(tiny_clip_files):
     model = open_clip.create_model("tiny-metrics-clip", pretrained=str(tiny_clip_files[1]))
     names = list(COLOURS)
     images = squares(names, seed=7)
     in_memory = CLIPScorer(model.eval())(images, captions(names))
-    loaded = CLIPScorer.from_checkpoint(str(tiny_clip_files[0]), tiny_clip_files[1])
+    loaded = CLIPScorer(*load_clip(str(tiny_clip_files[0]), tiny_clip_files[1]))
     torch.testing.assert_close(loaded(images, captions(names)), in_memory)
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         loaded(images[:2], ["a red square"])
@@ -158,13 +160,13 @@ def test_clip_scorer_from_checkpoint_equals_the_model_it_was_saved_from(tiny_cli
 
 def test_clip_loading_never_downloads(tmp_path, tiny_clip_files):
     with pytest.raises(FileNotFoundError, match=r"metrics\.clip_checkpoint: file not found"):
-        CLIPScorer.from_checkpoint("ViT-B-32", "openai")  # a hub tag is not a local file
+        load_clip("ViT-B-32", "openai")  # a hub tag is not a local file
     with pytest.raises(ValueError, match=r"metrics\.clip_model: unknown open_clip architecture"):
-        CLIPScorer.from_checkpoint("ViT-Nope", tiny_clip_files[1])
+        load_clip("ViT-Nope", tiny_clip_files[1])
     with pytest.raises(ValueError, match=r"metrics\.clip_model: 'hf-hub:"):
-        CLIPScorer.from_checkpoint("hf-hub:org/model", tiny_clip_files[1])
+        load_clip("hf-hub:org/model", tiny_clip_files[1])
     with pytest.raises(FileNotFoundError, match=r"metrics\.clip_model: file not found"):
-        CLIPScorer.from_checkpoint(str(tmp_path / "absent.json"), tiny_clip_files[1])
+        load_clip(str(tmp_path / "absent.json"), tiny_clip_files[1])
 
 
 def write_random_inception(path: Path, monkeypatch) -> None:
@@ -332,9 +334,9 @@ def test_config_real_unset_path_names_the_setting(tmp_path, tiny_clip_files, inc
 def toy_evaluator_folder(tmp_path_factory) -> Path:
     """An untrained toy evaluator written exactly as the builder writes the shipped one."""
     folder = tmp_path_factory.mktemp("toy_evaluator")
-    config = toy_evaluator.open_clip_config()
+    config = toy_clip.open_clip_config()
     torch.manual_seed(0)
-    model, _ = toy_evaluator.create_clip(config)
+    model, _ = toy_clip.create_clip(config)
     with torch.no_grad():  # untrained, every image-caption cosine is negative: CLIP score 0
         model.text_projection.neg_()  # flipped, the scores are 5-25 and a CLIP check can fail
     head = toy_evaluator.detail_head(config["model_cfg"]["embed_dim"])

@@ -4,8 +4,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from tdd.models.students import FullStudent, LoRAStudent
-from tdd.models.teacher import check_teacher_dir, load_teacher
-from tdd.models.tiny import build_tiny, save_pipeline
+from tdd.models.teacher import check_teacher_dir, load_teacher, save_pipeline
+from tdd.models.tiny import build_tiny
 from tdd.models.tokenizer import clip_tokenizer
 
 

@@ -4,9 +4,13 @@ from diffusers import DDPMScheduler
 
 from tdd.boundary import lcm_scalings
 from tdd.losses import L2Loss, PseudoHuberLoss
-from tdd.models.tiny import SD_SCHEDULER
 from tdd.prediction import ddim_map, renoise, to_x0_eps
-from tdd.schedule import DistillationGrid, NoiseSchedule, alphas_cumprod_from_config
+from tdd.schedule import (
+    SD_SCHEDULER,
+    DistillationGrid,
+    NoiseSchedule,
+    alphas_cumprod_from_config,
+)
 
 
 @pytest.mark.parametrize("kind", ["linear", "scaled_linear", "squaredcos_cap_v2"])

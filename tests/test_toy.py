@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tdd.data.shapes import ATTRIBUTES, eval_scenes, reference_renders
+from tdd.metrics.fid import FIDScorer
+from tdd.metrics.toy import load_toy_evaluator
 from tdd.toy.common import ASSETS, degrade, gaussian_blur, psnr, spearman
-from tdd.toy.evaluator import frechet_distance
 
 SIZE_BUDGET_MB = 25
 
@@ -63,17 +64,6 @@ def test_spearman_and_psnr():
     assert psnr(a + 0.1, a) == pytest.approx(torch.full((2,), 20.0), abs=1e-4)
 
 
-def test_frechet_distance():
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(4000, 3, generator=g)
-    b = torch.randn(4000, 3, generator=g)
-    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
-    assert frechet_distance(a, b) < 0.05
-    shift = torch.tensor([2.0, 0.0, 0.0])
-    assert frechet_distance(a, b + shift) == pytest.approx(4.0, abs=0.2)
-    assert frechet_distance(a, 2 * b) == pytest.approx(3.0, abs=0.3)  # 3 * (2 - 1)^2
-
-
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory):
     """Every builder for two steps on a few held-out prompts, in a temp folder."""
@@ -104,6 +94,10 @@ def test_builders_write_the_layout_and_the_record(tiny_build):
     teacher = record["teacher"]
     assert str(teacher["guidance_scale"]) in teacher["guidance_search"]
     assert teacher["fid_real_vs_real_noise_floor"] >= 0 and teacher["eval_prompts"] == 8
+    fid = FIDScorer(load_toy_evaluator(out / "evaluator").features)  # the runs' FID
+    fid.set_reference(reference_renders("val", 8))
+    runs = fid.score(reference_renders("val", 8, variant=1))
+    assert teacher["fid_real_vs_real_noise_floor"] == pytest.approx(runs, rel=1e-5)
     assert set(teacher["passed"]) == set(teacher["gates"]) and not any(teacher["passed"].values())
     by_count = teacher["teacher_by_object_count"]
     assert set(by_count) <= {"1", "2"} and by_count  # 8 prompts: at least one kind
@@ -133,8 +127,6 @@ def test_built_pipeline_loads_as_stable_diffusion(tiny_build):
 
 def test_built_evaluator_interfaces(tiny_build):
     import open_clip
-
-    from tdd.toy.evaluator import load_toy_evaluator
 
     folder = tiny_build[0] / "out" / "evaluator"
     evaluator = load_toy_evaluator(folder)
@@ -172,15 +164,17 @@ def test_shipped_assets_fit_the_budget():
     assert {"vae", "evaluator", "teacher"} <= set(record)
 
 
+def open_clip_token_states(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Per-token outputs of an open_clip ``CLIP`` text tower (final LayerNorm, no pooling)."""
+    x = model.token_embedding(ids) + model.positional_embedding[:ids.shape[1]]
+    mask = model.attn_mask[:ids.shape[1], :ids.shape[1]]
+    return model.ln_final(model.transformer(x, attn_mask=mask))
+
+
 def test_teacher_text_encoder_equals_the_evaluator_text_tower():
     """The teacher starts from the toy CLIP's text tower: same per-token outputs and pooling."""
     from tdd.models.tokenizer import clip_tokenizer
-    from tdd.toy.evaluator import (
-        clip_text_model,
-        create_clip,
-        open_clip_config,
-        open_clip_token_states,
-    )
+    from tdd.toy.clip import clip_text_model, create_clip, open_clip_config
 
     torch.manual_seed(0)
     model, _ = create_clip(open_clip_config())
@@ -204,12 +198,11 @@ def test_teacher_text_encoder_equals_the_evaluator_text_tower():
 
 
 def test_teacher_loss_trains_the_unet_and_the_text_encoder():
-    from tdd.models.tiny import SD_SCHEDULER
     from tdd.models.tokenizer import clip_tokenizer
-    from tdd.schedule import NoiseSchedule
+    from tdd.schedule import SD_SCHEDULER, NoiseSchedule
     from tdd.toy.build_teacher import MAX_LENGTH, teacher_loss, unet
+    from tdd.toy.clip import clip_text_model, create_clip, open_clip_config
     from tdd.toy.common import training_batch
-    from tdd.toy.evaluator import clip_text_model, create_clip, open_clip_config
     from tdd.toy.vae import vae_model
 
     torch.manual_seed(0)

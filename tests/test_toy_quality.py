@@ -66,8 +66,8 @@ def test_evaluator_gates(record, settings):
 
 
 def test_teacher_gates(record):
+    from tdd.metrics.toy import load_toy_evaluator
     from tdd.toy.build_teacher import GATES
-    from tdd.toy.evaluator import load_toy_evaluator
     from tdd.toy.measure_teacher import load_pipeline, sample
 
     pipe = load_pipeline(ASSETS / "pipeline")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from tdd.schedule import append_dims
+
 
 def combine(cond: torch.Tensor, uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Guided prediction in the LCM form ``p_w = p_c + w * (p_c - p_u)``.
 
     LCM-form ``w`` equals the diffusers / Imagen guidance scale minus one: ``g = w + 1``.
     """
-    w = w.reshape(-1, *([1] * (cond.ndim - 1))).to(cond)
+    w = append_dims(w, cond.ndim).to(cond)
     return cond + w * (cond - uncond)
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import open_clip
 import torch
 from torch import Tensor, nn
 
-from tdd.metrics.clip_model import CLIPImageFeatures, Tokenizer, load_clip
+from tdd.metrics.clip_model import CLIPImageFeatures, Tokenizer
 
 
 def clip_score(image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
@@ -33,19 +32,6 @@ class CLIPScorer(nn.Module):
         self.images = CLIPImageFeatures(model)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        model_name: str,
-        checkpoint: str | Path,
-        batch_size: int = 32,
-        model_setting: str = "metrics.clip_model",
-        checkpoint_setting: str = "metrics.clip_checkpoint",
-    ) -> CLIPScorer:
-        """Build from an open_clip architecture name (or config .json) and a local checkpoint."""
-        model, tokenizer = load_clip(model_name, checkpoint, model_setting, checkpoint_setting)
-        return cls(model, tokenizer, batch_size)
 
     @torch.no_grad()
     def forward(self, images: Tensor, prompts: Sequence[str]) -> Tensor:

@@ -30,6 +30,12 @@ class Conditioning:
         added = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in self.added.items()}
         return Conditioning(torch.zeros_like(self.hidden), added)
 
+    def with_sizes_of(self, other: Conditioning) -> Conditioning:
+        """This text conditioning with ``other``'s size conditioning (SDXL ``time_ids``)."""
+        if "time_ids" not in self.added:
+            return self
+        return Conditioning(self.hidden, {**self.added, "time_ids": other.added["time_ids"]})
+
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
@@ -61,8 +67,24 @@ class TextConditioner(nn.Module):
         ).input_ids
         return ids.to(self.device)
 
+    def time_ids(self, batch_size: int, original_size=None, crop_top_left=None) -> torch.Tensor:
+        """SDXL micro-conditioning per sample: (original h, w, crop top, left, target h, w).
+
+        Without size information (sampling, sources that do not crop): the square resolution,
+        uncropped, as the SDXL pipelines use at inference.
+        """
+        size = self.resolution
+        default = torch.tensor([[size, size]]).expand(batch_size, 2)
+        original = default if original_size is None else torch.as_tensor(original_size)
+        crop = (torch.zeros_like(default) if crop_top_left is None
+                else torch.as_tensor(crop_top_left))
+        return torch.cat([original.reshape(-1, 2), crop.reshape(-1, 2), default], dim=1)
+
     @torch.no_grad()
-    def forward(self, captions: list[str]) -> Conditioning:
+    def forward(self, captions: list[str], original_size=None, crop_top_left=None
+                ) -> Conditioning:
+        """Encode ``captions``; for SDXL, each sample's ``original_size`` and
+        ``crop_top_left`` (B x 2, as the data sources return them) become its ``time_ids``."""
         if len(self.encoders) == 1:
             ids = self._tokens(self.tokenizers[0], captions)
             return Conditioning(self.encoders[0](ids)[0])
@@ -71,8 +93,7 @@ class TextConditioner(nn.Module):
             out = encoder(self._tokens(tokenizer, captions), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # text_embeds of the projection encoder (the last one)
-        size = self.resolution
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=pooled.dtype)
-        time_ids = time_ids.to(pooled.device).repeat(len(captions), 1)
+        time_ids = self.time_ids(len(captions), original_size, crop_top_left)
+        time_ids = time_ids.to(pooled.device, pooled.dtype)
         added = {"text_embeds": pooled, "time_ids": time_ids}
         return Conditioning(torch.cat(hidden, dim=-1), added)

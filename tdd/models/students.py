@@ -12,6 +12,9 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from torch import nn
 
+from tdd.export import export_lora
+from tdd.models.ema import ema_update
+
 #: docs/methods.md section 4: the LoRA target modules of every published recipe.
 LORA_TARGET_MODULES = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -29,6 +32,17 @@ class Student(nn.Module):
 
     #: Whether the student UNet can take ``timestep_cond`` (guidance=w_embed).
     supports_guidance_embedding = False
+
+    @classmethod
+    def check_guidance_embedding(cls, dim: int | None) -> None:
+        """Refuse a guidance mode that feeds w as ``timestep_cond`` (``dim`` set) when this
+        student cannot add the UNet's guidance projection."""
+        if dim is not None and not cls.supports_guidance_embedding:
+            raise ValueError(
+                "guidance=w_embed feeds w to the student as timestep_cond, which needs a guidance "
+                f"projection (time_cond_proj_dim) that {cls.__name__} cannot add to the frozen "
+                "teacher: use student=full"
+            )
 
     def online(self, x, t, conditioning, timestep_cond=None) -> torch.Tensor:
         return self.unet(x, t, timestep_cond=timestep_cond, **conditioning.unet_kwargs()).sample
@@ -82,12 +96,7 @@ class LoRAStudent(Student):
         init_lora_weights: bool | str = True,
     ):
         super().__init__()
-        if guidance_embedding_dim is not None:
-            raise ValueError(
-                "guidance=w_embed needs a student UNet with a guidance projection "
-                "(time_cond_proj_dim), which student=lora cannot add to the frozen teacher: "
-                "use student=full"
-            )
+        self.check_guidance_embedding(guidance_embedding_dim)
         if rank <= 0 or alpha <= 0:
             raise ValueError(f"student: rank ({rank}) and alpha ({alpha}) must be positive")
         self.rank, self.alpha = rank, alpha
@@ -112,8 +121,6 @@ class LoRAStudent(Student):
             yield self.unet
 
     def export(self, directory, fmt: str = "diffusers"):
-        from tdd.export import export_lora
-
         return export_lora(self, directory, fmt)
 
     @torch.no_grad()
@@ -185,11 +192,9 @@ class FullStudent(Student):
         self.sampling_unet.save_pretrained(path)
         return path
 
-    @torch.no_grad()
     def update_target(self):
         if self.ema is not None:
-            for ema, online in zip(self.ema.parameters(), self.unet.parameters()):
-                ema.lerp_(online, 1.0 - self.ema_decay)
+            ema_update(self.ema, self.unet, self.ema_decay)
 
     def trainable_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher_unet.")}

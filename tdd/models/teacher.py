@@ -78,3 +78,19 @@ def load_teacher(
     for module in teacher.frozen_modules():
         module.requires_grad_(False).eval()
     return teacher
+
+
+def save_pipeline(teacher: Teacher, directory: str | Path) -> Path:
+    """Save a one-encoder teacher in the diffusers Stable Diffusion layout."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    if len(teacher.text.encoders) != 1:
+        raise ValueError("save_pipeline writes the Stable Diffusion layout (one text encoder)")
+    pipe = StableDiffusionPipeline(
+        vae=teacher.vae, text_encoder=teacher.text.encoders[0],
+        tokenizer=teacher.text.tokenizers[0], unet=teacher.unet,
+        scheduler=DDIMScheduler.from_config(teacher.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory)
+    return Path(directory)

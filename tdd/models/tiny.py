@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import (
@@ -15,12 +13,7 @@ from transformers import (
 from tdd.models.conditioning import TextConditioner
 from tdd.models.teacher import Teacher
 from tdd.models.tokenizer import clip_tokenizer
-
-SD_SCHEDULER = {
-    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "clip_sample": False,
-    "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading",
-}
+from tdd.schedule import SD_SCHEDULER
 
 
 def _text_encoder(hidden: int, projection: bool, max_length: int):
@@ -75,18 +68,3 @@ def build_tiny(
         module.requires_grad_(False).eval()
     return teacher
 
-
-def save_pipeline(teacher: Teacher, directory: str | Path) -> Path:
-    """Save a one-encoder teacher in the diffusers Stable Diffusion layout."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    if len(teacher.text.encoders) != 1:
-        raise ValueError("save_pipeline writes the Stable Diffusion layout (one text encoder)")
-    pipe = StableDiffusionPipeline(
-        vae=teacher.vae, text_encoder=teacher.text.encoders[0],
-        tokenizer=teacher.text.tokenizers[0], unet=teacher.unet,
-        scheduler=DDIMScheduler.from_config(teacher.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(directory)
-    return Path(directory)

@@ -23,8 +23,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from tdd.prediction import PREDICTION_TYPES, ddim_map, renoise, to_x0_eps
-from tdd.schedule import DistillationGrid, NoiseSchedule
-from tdd.strategies.tdd import TDDTarget
+from tdd.schedule import DistillationGrid, NoiseSchedule, check_eta
 
 logger = logging.get_logger(__name__)
 
@@ -92,7 +91,7 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
                 f"scheduler prediction_type={prediction_type!r}; expected one of "
                 f"{PREDICTION_TYPES}"
             )
-        _check_eta(eta, "scheduler eta")
+        check_eta(eta, "scheduler eta")
         if clip_steps < 0:
             raise ValueError(f"scheduler clip_steps={clip_steps} must be >= 0")
         self.noise_schedule = NoiseSchedule.from_config(self.config)
@@ -112,12 +111,9 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
     def trained_timesteps(self) -> torch.Tensor:
         """M ∪ {grid top}: every timestep a TDD student was trained to jump from or to."""
         if self._trained is None:
-            target = TDDTarget(
-                self.config.num_train_timesteps, self.config.tdd_train_step,
-                self.config.k_min, self.config.k_max,
-            )
+            candidates = self.grid.tdd_candidates(self.config.k_min, self.config.k_max)
             top = self.grid.timesteps[-1:]
-            self._trained = torch.unique(torch.cat([target.candidates, top]))
+            self._trained = torch.unique(torch.cat([candidates, top]))
         return self._trained
 
     def schedule(self, num_inference_steps: int) -> torch.Tensor:
@@ -261,7 +257,7 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
     def _resolve_eta(self, eta: float | None) -> float:
         if eta is None:
             return float(self.config.eta)
-        eta = _check_eta(float(eta), "step eta")
+        eta = check_eta(float(eta), "step eta")
         if eta == 0.0 and self.config.eta > 0.0 and not self._warned_zero_eta:
             self._warned_zero_eta = True
             logger.warning(
@@ -271,8 +267,3 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
             )
         return eta
 
-
-def _check_eta(eta: float, setting: str) -> float:
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"{setting}={eta} must lie in [0, 1]")
-    return eta

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from tdd.schedule import append_dims
 from tdd.strategies.base import TargetStrategy
 
 
@@ -15,16 +15,9 @@ class PCMTarget(TargetStrategy):
         self, num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50, num_phases: int = 4
     ):
         super().__init__(num_train_timesteps, num_ddim_timesteps)
-        if not 1 <= num_phases <= num_ddim_timesteps:
-            raise ValueError(
-                f"strategy.num_phases={num_phases} must lie in [1, num_ddim_timesteps="
-                f"{num_ddim_timesteps}]"
-            )
         self.num_phases = num_phases
-        edges = np.floor(np.linspace(0, num_ddim_timesteps, num_phases, endpoint=False))
-        self.edge_indices = torch.from_numpy(edges.astype(np.int64))
-        below = (self.edge_indices - 1).clamp(min=0)
-        self.edge_timesteps = torch.where(self.edge_indices == 0, 0, self.grid[below])
+        self.edge_indices, self.edge_timesteps = self.grid.phase_edges(
+            num_phases, "strategy.num_phases")
 
     def sample(self, source_index, generator=None):
         index = self._check_index(source_index)
@@ -34,5 +27,5 @@ class PCMTarget(TargetStrategy):
     def project_target(self, x_prev, t_prev, x0, eps, s, schedule):
         # When i is itself an edge, s == t_prev: the target is exactly the teacher's x_prev.
         mapped = self.project(x_prev, t_prev, x0, eps, s, schedule)
-        at_edge = (s.to(t_prev.device) == t_prev).reshape(-1, *([1] * (x_prev.ndim - 1)))
+        at_edge = append_dims(s.to(t_prev.device) == t_prev, x_prev.ndim)
         return torch.where(at_edge, x_prev, mapped)

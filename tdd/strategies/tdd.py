@@ -25,19 +25,12 @@ class TDDTarget(TargetStrategy):
         eta_max: float = 0.3,
     ):
         super().__init__(num_train_timesteps, num_ddim_timesteps)
-        if not 1 <= k_min <= k_max <= num_ddim_timesteps:
-            raise ValueError(
-                f"strategy: need 1 <= k_min ({k_min}) <= k_max ({k_max}) <= num_ddim_timesteps "
-                f"({num_ddim_timesteps})"
-            )
         if window < 0:
             raise ValueError(f"strategy.window={window} must be >= 0")
         if not 0.0 <= eta_max <= 1.0:
             raise ValueError(f"strategy.eta_max={eta_max} must lie in [0, 1]")
         self.k_min, self.k_max, self.window, self.eta_max = k_min, k_max, window, eta_max
-        schedules = [self.grid.schedule(k) for k in range(k_min, k_max + 1)]
-        union = torch.unique(torch.cat(schedules))  # sorted ascending
-        self.candidates = torch.cat([torch.zeros(1, dtype=torch.long), union[:-1]])
+        self.candidates = self.grid.tdd_candidates(k_min, k_max)
 
     def sample(self, source_index, generator=None):
         index = self._check_index(source_index)

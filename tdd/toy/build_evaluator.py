@@ -23,7 +23,11 @@ from tdd.data.shapes import (
     reference_renders,
     scene_rng,
 )
+from tdd.metrics.clip_model import CLIPImageFeatures
+from tdd.metrics.toy import CHECKPOINT, DETAIL_HEAD, detail_head, load_toy_evaluator
+from tdd.toy.clip import create_clip, open_clip_config
 from tdd.toy.common import (
+    EVALUATOR_STAGE,
     BuildSettings,
     Checkpointer,
     Progress,
@@ -34,16 +38,6 @@ from tdd.toy.common import (
     step_generator,
     training_batch,
     update_record,
-)
-from tdd.toy.evaluator import (
-    CHECKPOINT,
-    DETAIL_HEAD,
-    create_clip,
-    detail_head,
-    load_toy_evaluator,
-    model_input,
-    open_clip_config,
-    vision_size,
 )
 from tdd.toy.vae import reconstruct
 
@@ -158,7 +152,7 @@ def evaluator_loss(model, head, probes, tokenizer, images, specs, step, settings
     their caption, plus the detail regression on images whose degradation level is known."""
     generator = step_generator(settings.seed + 202, step)
     x, detail_target, known, captioned = augment(images, vae, generator)
-    image_emb = model.encode_image(model_input(x, vision_size(model)))
+    image_emb = CLIPImageFeatures(model)(x)  # the evaluator's own preprocessing, with grad
     detail = F.mse_loss(head(image_emb).squeeze(-1)[known], detail_target[known])
     keep = captioned.nonzero().squeeze(1).tolist()
     if not keep:  # a tiny batch may draw only heavy degradations
@@ -187,7 +181,7 @@ def measure_evaluator(settings: BuildSettings, vae: AutoencoderKL | None) -> dic
     """Zero-shot accuracy on real renders (and their VAE reconstructions); detail Spearman."""
     from tdd.data.shapes import eval_scenes
 
-    evaluator = load_toy_evaluator(settings.out / "evaluator")
+    evaluator = load_toy_evaluator(settings.out / "evaluator", setting=EVALUATOR_STAGE)
     n = settings.eval_size
     specs, _ = eval_scenes("val", n)
     images = reference_renders("val", n)

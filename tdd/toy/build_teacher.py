@@ -9,12 +9,15 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from tdd.metrics.toy import load_toy_evaluator
 from tdd.models.conditioning import TextConditioner
-from tdd.models.teacher import Teacher
-from tdd.models.tiny import SD_SCHEDULER, save_pipeline
+from tdd.models.ema import ema_update
+from tdd.models.teacher import Teacher, save_pipeline
 from tdd.models.tokenizer import clip_tokenizer
-from tdd.schedule import NoiseSchedule
+from tdd.schedule import SD_SCHEDULER, NoiseSchedule
+from tdd.toy.clip import clip_text_model
 from tdd.toy.common import (
+    EVALUATOR_STAGE,
     BuildSettings,
     Checkpointer,
     Progress,
@@ -24,7 +27,6 @@ from tdd.toy.common import (
     training_batch,
     update_record,
 )
-from tdd.toy.evaluator import clip_text_model, load_toy_evaluator
 
 DEFAULT_STEPS = 4000
 BATCH = 48
@@ -44,7 +46,7 @@ def text_encoder(settings: BuildSettings) -> CLIPTextModel:
     tower is 48 wide and its training only ever read the last token; the teacher fine-tunes it
     with the UNet (at ``TEXT_LR``) so that every token's state is shaped for cross-attention.
     """
-    evaluator = load_toy_evaluator(settings.out / "evaluator")  # names the stage if missing
+    evaluator = load_toy_evaluator(settings.out / "evaluator", setting=EVALUATOR_STAGE)
     return clip_text_model(evaluator.model, MAX_LENGTH)
 
 
@@ -59,17 +61,9 @@ def unet(cross_attention_dim: int) -> UNet2DConditionModel:
     )
 
 
-class EMA:
-    """Exponential moving average of a module's weights (the shipped teacher weights)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = copy.deepcopy(module).requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module, step: int) -> None:
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
-        for ema, p in zip(self.module.parameters(), module.parameters()):
-            ema.lerp_(p.detach(), 1 - decay)
+def ema_decay(step: int) -> float:
+    """The teacher's EMA decay: ``EMA_DECAY`` after a warm-up that starts near 0.1."""
+    return min(EMA_DECAY, (1 + step) / (10 + step))
 
 
 def load_vae(settings: BuildSettings) -> AutoencoderKL:
@@ -117,17 +111,17 @@ def build_teacher(settings: BuildSettings) -> dict:
     optimizer = torch.optim.AdamW(
         [{"params": model["unet"].parameters(), "lr": LR},
          {"params": model["text_encoder"].parameters(), "lr": TEXT_LR}], weight_decay=0.01)
-    ema = EMA(model)
+    ema = copy.deepcopy(model).requires_grad_(False)  # the shipped weights
     ckpt = Checkpointer(settings.work_dir("teacher"), settings.ckpt_every_s)
     start = 0
     if (state := ckpt.load(model)) is not None:
-        for module, key in ((model, "model"), (ema.module, "ema"), (optimizer, "optimizer")):
+        for module, key in ((model, "model"), (ema, "ema"), (optimizer, "optimizer")):
             module.load_state_dict(state[key])
         start = state["step"]
         print(f"[teacher] resuming at step {start}", flush=True)
 
     def snapshot(step: int) -> dict:
-        return {"model": model.state_dict(), "ema": ema.module.state_dict(),
+        return {"model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step}
 
     progress = Progress("teacher", total, start, settings.log_every)
@@ -139,11 +133,11 @@ def build_teacher(settings: BuildSettings) -> dict:
         loss = teacher_loss(model, tokenizer, vae, schedule, images,
                             [s.caption for s in specs], step_generator(settings.seed + 404, step))
         descend(loss, optimizer, params)
-        ema.update(model, step)
+        ema_update(ema, model, ema_decay(step))
         progress.update(step, loss.item())
         ckpt.maybe_save(snapshot, step + 1)
     ckpt.maybe_save(snapshot, total, force=True)
-    save_teacher(settings, ema.module["unet"], ema.module["text_encoder"], load_vae(settings),
+    save_teacher(settings, ema["unet"], ema["text_encoder"], load_vae(settings),
                  clip_tokenizer(MAX_LENGTH))  # a new one: no padding state from training
     from tdd.toy.measure_teacher import measure_teacher
     result = measure_teacher(settings)

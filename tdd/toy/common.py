@@ -18,6 +18,8 @@ from tdd.data.shapes import SceneSpec, render, training_scene
 ASSETS = Path(asset_path("toy"))
 MAX_BLUR_SIGMA = 1.2  # pixels at 32x32: degradation level 1 of the detail scale
 MAX_NOISE_STD = 0.12  # in [0, 1] image units
+#: How the builders name the evaluator in a missing-file error: the stage that builds it.
+EVALUATOR_STAGE = "toy evaluator (python -m tdd.toy.build evaluator)"
 
 
 @dataclass

@@ -10,8 +10,9 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from torchvision.utils import save_image
 
 from tdd.data.shapes import eval_scenes, reference_renders
-from tdd.toy.common import BuildSettings
-from tdd.toy.evaluator import ToyEvaluator, frechet_distance, load_toy_evaluator
+from tdd.metrics.fid import FIDScorer
+from tdd.metrics.toy import ToyEvaluator, load_toy_evaluator
+from tdd.toy.common import EVALUATOR_STAGE, BuildSettings
 from tdd.toy.vae import reconstruct
 
 STEPS = 25
@@ -76,7 +77,7 @@ def measure_teacher(settings: BuildSettings) -> dict:
     """Guidance search on a subset, then the full held-out set at the best scale."""
     t0 = time.monotonic()
     pipe = load_pipeline(settings.out / "pipeline")
-    evaluator = load_toy_evaluator(settings.out / "evaluator")
+    evaluator = load_toy_evaluator(settings.out / "evaluator", setting=EVALUATOR_STAGE)
     n = settings.eval_size
     specs, _ = eval_scenes("val", n)
     captions = [s.caption for s in specs]
@@ -91,9 +92,8 @@ def measure_teacher(settings: BuildSettings) -> dict:
     real = reference_renders("val", n)
     second = reference_renders("val", n, variant=1)
     recon = reconstruct(pipe.vae, second)
-    feats = {name: evaluator.image_features(x, normalize=False)
-             for name, x in (("real", real), ("second", second), ("recon", recon),
-                             ("teacher", samples))}
+    fid = FIDScorer(evaluator.features, batch_size=evaluator.batch_size)  # the runs' FID
+    fid.set_reference(real, "real")
     result = {
         "guidance_scale": best, "guidance_search": search, "search_prompts": m,
         "eval_prompts": n, "sampler": f"DDIM {STEPS} steps",
@@ -101,9 +101,9 @@ def measure_teacher(settings: BuildSettings) -> dict:
         "teacher_by_object_count": by_object_count(evaluator, samples, specs),
         "real_second_set": _scores(evaluator, second, specs, captions),
         "vae_reconstructions": _scores(evaluator, recon, specs, captions),
-        "fid_teacher_vs_real": frechet_distance(feats["teacher"], feats["real"]),
-        "fid_real_vs_real_noise_floor": frechet_distance(feats["second"], feats["real"]),
-        "fid_vae_vs_real_autoencoder_floor": frechet_distance(feats["recon"], feats["real"]),
+        "fid_teacher_vs_real": fid.score(samples),
+        "fid_real_vs_real_noise_floor": fid.score(second),
+        "fid_vae_vs_real_autoencoder_floor": fid.score(recon),
     }
     result["grid_captions"] = sample_grid(pipe, best, settings.out / "samples.png", min(32, n))
     result["measure_seconds"] = round(time.monotonic() - t0, 1)

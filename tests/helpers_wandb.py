@@ -1,4 +1,4 @@
-"""Read the metrics an offline W&B run wrote, without a server (for checks and tables)."""
+"""Read the metrics of an offline W&B run without a server (what the evaluation tests check)."""
 
 from __future__ import annotations
 
