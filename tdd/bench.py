@@ -150,6 +150,8 @@ def run(model: str, batch_size: int, repeats: int, images: int, device: str) -> 
         teacher_factory = partial(load_teacher, path, 32)
     generator = torch.Generator().manual_seed(0)
     report = {"device": str(device), "model": model, "batch_size": batch_size, "steps": {}}
+    load = {"teacher_load_s": teacher_factory}  # what a run pays before its first step
+    report.update(_median_seconds(load, device, repeats))
     for name, strategy_config in strategy_configs().items():
         module, optimizer = build(teacher_factory, strategy_config, device)
         resolution = module.teacher.resolution

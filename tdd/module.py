@@ -171,7 +171,10 @@ class DistillationModule(L.LightningModule):
         schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Step, then move the EMA target: inside the step, so that checkpoint and evaluation
+        callbacks (whose ``on_train_batch_end`` runs before the module's) see the moved EMA."""
+        super().optimizer_step(*args, **kwargs)
         self.student.update_target()
 
     def on_train_start(self) -> None:

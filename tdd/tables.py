@@ -7,15 +7,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 
 def collect(root: str | Path) -> list[dict]:
-    """Every results.json below ``root`` (a run or multirun directory), oldest first."""
-    paths = sorted(Path(root).rglob("results.json"), key=lambda p: p.stat().st_mtime)
+    """Every results.json below ``root`` (a run or multirun directory) in path order, numbers
+    compared as numbers (multirun jobs 0, 1, 2, 10; dated run folders oldest first)."""
+    paths = sorted(Path(root).rglob("results.json"), key=_path_order)
     if not paths:
         raise FileNotFoundError(f"no results.json below {root}")
     return [dict(json.loads(p.read_text()), path=str(p.parent)) for p in paths]
+
+
+def _path_order(path: Path) -> list[tuple[int, int | str]]:
+    parts = re.split(r"(\d+)", path.as_posix())
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in parts if p]
 
 
 def _name(node: dict | None) -> str:

@@ -66,3 +66,43 @@ def test_evaluation_sets_are_fixed_and_held_out(make_cfg, module):
     assert images.min() >= 0 and images.max() <= 1
     train = next(iter(data.train_dataloader()))["pixel_values"] * 0.5 + 0.5
     assert not any(torch.allclose(train[0], image) for image in images)
+
+
+def test_every_n_steps_etas_guidance_scales_and_teacher_scale(make_cfg):
+    """Rows and keys as configured; the teacher row is sampled at the configured scale; the
+    evaluation also runs every 2 steps."""
+    import hydra
+    import torch
+
+    from tdd.models.tiny import build_tiny
+    from tdd.sampling import DDIMSampler, generate
+
+    cfg = make_cfg("trainer=cpu", "trainer.max_steps=4", "logger=csv", "data.batch_size=2",
+                   "callbacks=none", "student.rank=4", "student.alpha=4", "export.enabled=false",
+                   "evaluation.steps=[2]", "evaluation.teacher_steps=[3]",
+                   "evaluation.num_images=4", "evaluation.every_n_steps=2",
+                   "evaluation.etas=[null,0.5]", "evaluation.guidance_scales=[1.0,2.0]",
+                   "evaluation.teacher_guidance_scale=3.0")
+    with open_dict(cfg):
+        cfg.metrics = {"_target_": "helpers_metrics.tiny_suite"}
+    rows = train(cfg)["metrics"]
+    assert set(rows) == {"teacher3", "2", "2_eta0.5", "2_g2", "2_g2_eta0.5"}
+    assert [rows[n]["eta"] for n in ("2", "2_eta0.5", "2_g2", "2_g2_eta0.5")] == [
+        pytest.approx(cfg.sampler.eta), 0.5, pytest.approx(cfg.sampler.eta), 0.5]
+    assert [rows[n]["nfe"] for n in ("2", "2_g2", "teacher3")] == [2, 4, 6]
+    assert rows["2_g2"]["guidance_scale"] == 2.0 and rows["teacher3"]["guidance_scale"] == 3.0
+    assert len({rows[n]["brightness"] for n in ("2", "2_eta0.5", "2_g2")}) == 3
+    # the teacher row is the tiny teacher's DDIM at g = 3 on the evaluation prompts and seeds
+    prompts, _ = hydra.utils.instantiate(cfg.data).evaluation_set(4)
+    teacher = build_tiny()
+    images = generate(teacher.unet, teacher, DDIMSampler(), prompts, [cfg.seed + k for k in
+                      range(4)], 3, 3.0).images
+    assert rows["teacher3"]["brightness"] == pytest.approx(images.mean().item(), rel=1e-5)
+    # every_n_steps = 2 of 4: evaluated at steps 2 and 4, each logged with its step
+    out = Path(cfg.paths.output_dir)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step2", "step4"]
+    text = (out / "csv" / "metrics.csv").read_text()
+    logged = {int(r["step"]) for r in csv.DictReader(text.splitlines())
+              if r.get("val/brightness@2_g2_eta0.5")}
+    assert logged == {2, 4}
+    assert torch.isfinite(torch.tensor(rows["2_eta0.5"]["fid"]))

@@ -6,16 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_metrics import frechet_distance
+import torchvision.transforms.v2.functional as TF
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf.errors import MissingMandatoryValue
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
 
 import tdd.metrics.suite as suite_module
@@ -59,6 +60,31 @@ def squares(names: list[str], seed: int, size: int = 32) -> torch.Tensor:
 
 def captions(names: list[str]) -> list[str]:
     return [f"a {n} square" for n in names]
+
+
+def open_clip_direct(model, images: torch.Tensor, prompts: list[str], tokenizer):
+    """Raw image embeddings and CLIP scores straight from open_clip, preprocessing written out
+    with torchvision from the model's own preprocess config (resize, centre crop, normalise)."""
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    mode = TF.InterpolationMode(cfg.get("interpolation", "bicubic"))
+    x = TF.resize(images, [size], interpolation=mode, antialias=True).clamp(0, 1)
+    x = TF.normalize(TF.center_crop(x, [size, size]), cfg["mean"], cfg["std"])
+    with torch.no_grad():
+        image_embeds = model.encode_image(x).double()
+        text_embeds = model.encode_text(tokenizer(prompts)).double()
+    cos = F.cosine_similarity(image_embeds, text_embeds, dim=-1)
+    return image_embeds, 100 * cos.clamp(min=0)  # the suite's CLIP score: negatives count 0
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2))`` in numpy; the trace of the root is
+    the sum of the square roots of the eigenvalues of C_a C_b (real and >= 0 for PSD C)."""
+    a, b = a.double().numpy(), b.double().numpy()
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root_trace = np.sqrt(np.linalg.eigvals(cov_a @ cov_b).real.clip(min=0)).sum()
+    mean_term = ((a.mean(0) - b.mean(0)) ** 2).sum()
+    return float(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * root_trace)
 
 
 def fit_tiny_clip(model: torch.nn.Module, steps: int = 30) -> None:
@@ -200,18 +226,29 @@ def toy_suite(tiny_clip_files) -> MetricSuite:
 
 def test_suite_scores_against_real_and_teacher(tiny_clip_files):
     suite = toy_suite(tiny_clip_files)
-    names = list(COLOURS) * 2
+    model = suite.scorers["clip"].images.model
+    names = list(COLOURS) * 4  # 32 images: more than the 16 feature dimensions
     real, prompts = squares(names, seed=1), captions(names)
     teacher = 0.6 * squares(names, seed=2)  # a darker world than the real one
+    generated = 0.8 * squares(names, seed=3)
     suite.set_reference("real", real)
     suite.set_reference("teacher", teacher)
-    out = suite.score(teacher, prompts)
+    out = suite.score(generated, prompts)
     assert set(out) == {"fid", "fid_teacher", "clip", "aesthetic"}
-    assert abs(out["fid_teacher"]) < 1e-4 * out["fid"]
-    assert out["clip"] == pytest.approx(float(suite.scorers["clip"](teacher, prompts).mean()))
+    tokenizer = open_clip.get_tokenizer("tiny-metrics-clip")
+    feats, clip = open_clip_direct(model, generated, prompts, tokenizer)
+    real_feats, _ = open_clip_direct(model, real, prompts, tokenizer)
+    teacher_feats, _ = open_clip_direct(model, teacher, prompts, tokenizer)
+    assert out["fid"] == pytest.approx(frechet_distance(feats, real_feats), rel=1e-3)
+    assert out["fid_teacher"] == pytest.approx(frechet_distance(feats, teacher_feats), rel=1e-3)
+    assert out["fid_teacher"] > 0 and abs(out["fid"] - out["fid_teacher"]) > 0.1
+    assert out["clip"] == pytest.approx(float(clip.mean()), abs=1e-3)
+    head = suite.scorers["aesthetic"].head
+    aesthetic = head(F.normalize(feats, dim=-1).float()).mean()
+    assert out["aesthetic"] == pytest.approx(float(aesthetic), abs=1e-4)
     suite.reset()  # streaming in batches gives the same numbers
-    suite.update(teacher[:5], prompts[:5])
-    suite.update(teacher[5:], prompts[5:])
+    suite.update(generated[:5], prompts[:5])
+    suite.update(generated[5:], prompts[5:])
     streamed = suite.compute()
     assert streamed == pytest.approx(out, rel=1e-5, abs=1e-6)
     assert set(suite.compute(references=["real"])) == {"fid", "clip", "aesthetic"}
@@ -300,6 +337,8 @@ def toy_evaluator_folder(tmp_path_factory) -> Path:
     config = toy_clip.open_clip_config()
     torch.manual_seed(0)
     model, _ = toy_clip.create_clip(config)
+    with torch.no_grad():  # untrained, every image-caption cosine is negative: CLIP score 0
+        model.text_projection.neg_()  # flipped, the scores are 5-25 and a CLIP check can fail
     head = toy_evaluator.detail_head(config["model_cfg"]["embed_dim"])
     (folder / "open_clip_config.json").write_text(json.dumps(config))
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items()},
@@ -313,7 +352,6 @@ def test_config_toy_matches_the_toy_evaluator(toy_evaluator_folder, monkeypatch)
     no_downloads(monkeypatch)
     cfg = compose_metrics("toy", [f"metrics.evaluator={toy_evaluator_folder}"])
     suite = instantiate(cfg.metrics)
-    evaluator = toy_evaluator.load_toy_evaluator(toy_evaluator_folder)
     specs, _ = eval_scenes("val", 16)
     prompts = [spec.caption for spec in specs]
     real = reference_renders("val", 16)
@@ -321,13 +359,16 @@ def test_config_toy_matches_the_toy_evaluator(toy_evaluator_folder, monkeypatch)
     suite.set_reference("real", real)
     out = suite.score(fake, prompts)
     assert set(out) == {"fid", "clip", "aesthetic", "attribute_acc"}
-    independent = frechet_distance(
-        evaluator.image_features(fake, normalize=False), evaluator.image_features(real, False)
-    )
-    assert out["fid"] == pytest.approx(independent, rel=1e-3)
-    clip = evaluator.clip_score(fake, prompts).mean()
-    assert out["clip"] == pytest.approx(float(clip), abs=1e-3)
-    assert out["aesthetic"] == pytest.approx(float(evaluator.detail_score(fake).mean()), abs=1e-5)
+    # the same numbers straight from open_clip on the evaluator folder
+    model = open_clip.create_model(f"local-dir:{toy_evaluator_folder}").eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{toy_evaluator_folder}")
+    feats, clip = open_clip_direct(model, fake, prompts, tokenizer)
+    real_feats, _ = open_clip_direct(model, real, prompts, tokenizer)
+    assert out["fid"] == pytest.approx(frechet_distance(feats, real_feats), rel=1e-3)
+    assert clip.min() > 1 and out["clip"] == pytest.approx(float(clip.mean()), abs=1e-3)
+    head = toy_evaluator.detail_head(feats.shape[1])
+    head.load_state_dict(load_file(toy_evaluator_folder / toy_evaluator.DETAIL_HEAD))
+    assert out["aesthetic"] == pytest.approx(float(head(feats.float()).mean()), abs=1e-4)
     shared = suite.scorers["attribute_acc"].evaluator  # same text cache: no second encoding
     accuracy = shared.attribute_accuracy(fake, specs)["mean"]
     assert out["attribute_acc"] == pytest.approx(accuracy, abs=1e-6)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import LCMScheduler, TCDScheduler
-from helpers_sampling import CallCounter, perturbed_lora_student
+from helpers_sampling import CallCounter, perturbed_lora_student, reference_sample
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -69,7 +71,10 @@ def test_nfe_and_unet_calls(tiny, guidance_scale, passes):
     assert result.nfe == 2 * passes
     # No call exceeds batch_size: with CFG, uncond and cond are a call each.
     assert counter.batches == [2] * (2 * passes)
-    assert ((result.images >= 0) & (result.images <= 1)).all()
+    # ... and the images are LCM sampling with CFG written out, one UNet call per branch.
+    expected = reference_sample(student.unet, teacher, PROMPTS[:2], SEEDS[:2], [999, 499], "lcm",
+                                guidance_scale=guidance_scale)
+    assert torch.allclose(result.images, expected, atol=1e-4)
 
 
 def test_cfg_formula_at_zero_scale_is_the_empty_prompt(tiny):
@@ -85,15 +90,49 @@ def test_cfg_formula_at_zero_scale_is_the_empty_prompt(tiny):
     assert not torch.allclose(plain.images, empty.images, atol=1e-3)
 
 
+#: Per sampler config on an N = 50 student, 3 steps: (timesteps written out, kind, eta).
+THREE_STEPS_N50 = {
+    "tdd": ([999, 679, 339], "gamma", 0.2),  # grid_desc[0, 16, 33], grid[i] = 20 (i + 1) - 1
+    "tcd": ([999, 679, 339], "gamma", 0.3),
+    "lcm": ([999, 679, 339], "lcm", None),
+    "pcm": ([999, 659, 319], "gamma", 0.0),  # the edges of 3 phases: grid[32], grid[15]
+}
+
+
 @pytest.mark.parametrize("name", ["tdd", "lcm", "tcd", "pcm"])
 def test_every_sampler_config_runs_on_a_tiny_student(tiny, name):
     teacher, student = tiny
     sampler = sampler_from_yaml(name, strategy="tcd")  # any sampler on any student
     assert sampler.num_ddim_timesteps == 50  # the grid follows the strategy
-    result = generate(student.unet, teacher, sampler, PROMPTS[:2], SEEDS[:2], 2)
-    assert result.images.shape == (2, 3, 32, 32) and result.nfe == 2
-    assert torch.isfinite(result.images).all()
-    assert ((result.images >= 0) & (result.images <= 1)).all()
+    visited = []
+    handle = student.unet.register_forward_pre_hook(
+        lambda module, args: visited.append(int(args[1])))
+    try:
+        result = generate(student.unet, teacher, sampler, PROMPTS[:2], SEEDS[:2], 3)
+    finally:
+        handle.remove()
+    timesteps, kind, eta = THREE_STEPS_N50[name]
+    assert visited == timesteps
+    assert result.images.shape == (2, 3, 32, 32) and result.nfe == 3
+    expected = reference_sample(student.unet, teacher, PROMPTS[:2], SEEDS[:2], timesteps, kind,
+                                eta=eta)
+    assert torch.allclose(result.images, expected, atol=1e-4)
+
+
+def test_generate_returns_the_clamped_decoded_latent(tiny):
+    """Images are the VAE decode of the final latent, mapped to [0, 1] and clamped there."""
+    teacher, student = tiny
+    with torch.no_grad():
+        vae = copy.deepcopy(teacher.vae)
+        vae.decoder.conv_out.bias.add_(torch.tensor([3.0, -3.0, 0.0]))  # saturate two channels
+    bright = dataclasses.replace(teacher, vae=vae)
+    result = generate(student.unet, bright, TCDSampler(), PROMPTS[:2], SEEDS[:2], 2)
+    latent = reference_sample(student.unet, bright, PROMPTS[:2], SEEDS[:2], [999, 499], "gamma",
+                              eta=0.3, decode=False)
+    with torch.no_grad():
+        decoded = vae.decode(latent / teacher.scaling_factor).sample * 0.5 + 0.5
+    assert decoded.max() > 1.5 and decoded.min() < -0.5  # the clamp has work to do
+    assert torch.allclose(result.images, decoded.clamp(0, 1), atol=1e-4)
 
 
 def test_sampler_configs_defaults_without_a_strategy():
@@ -111,14 +150,30 @@ def test_sampler_configs_defaults_without_a_strategy():
     assert sampler_from_yaml("tdd", strategy="tdd").k_max == 8
 
 
+#: K-step schedules written out: grid_desc[floor(linspace(0, N, K))] with grid[i] = (i+1)*k - 1.
+GRID_TABLES = {
+    (50, 2): [999, 499],
+    (50, 4): [999, 759, 499, 259],
+    (50, 8): [999, 879, 759, 639, 499, 379, 259, 139],
+    (250, 2): [999, 499],
+    (250, 4): [999, 751, 499, 251],
+    (250, 8): [999, 875, 751, 627, 499, 375, 251, 127],
+}
+
+
 @pytest.mark.parametrize(
-    "sampler", [LCMSampler(), TCDSampler(), TDDSampler(num_ddim_timesteps=50)]
+    "sampler",
+    [LCMSampler(), TCDSampler(), TDDSampler(num_ddim_timesteps=50), TDDSampler(),
+     LCMSampler(num_ddim_timesteps=250), TCDSampler(num_ddim_timesteps=250)],
+    ids=["lcm50", "tcd50", "tdd50", "tdd250", "lcm250", "tcd250"],
 )
 @pytest.mark.parametrize("steps", [2, 4, 8])
 def test_grid_samplers_use_the_distillation_grid(sampler, steps):
     scheduler = sampler.build(SD_SCHEDULER)
     sampler.set_timesteps(scheduler, steps)
-    assert scheduler.timesteps.tolist() == DistillationGrid(1000, 50).schedule(steps).tolist()
+    assert scheduler.timesteps.tolist() == GRID_TABLES[sampler.num_ddim_timesteps, steps]
+    assert DistillationGrid(1000, sampler.num_ddim_timesteps).schedule(steps).tolist() == (
+        GRID_TABLES[sampler.num_ddim_timesteps, steps])
 
 
 def test_gamma_samplers_pass_eta_to_every_step():

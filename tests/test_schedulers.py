@@ -398,3 +398,100 @@ def test_pipeline_default_eta_zero_is_flagged_once(monkeypatch):
     quiet.set_timesteps(4)
     run_chain(quiet, x, eta=0.0)
     assert len(messages) == 1
+
+
+# --- inside stock diffusers pipelines ---------------------------------------------------------
+
+def gamma_loop(unet_eps, x, timesteps: list[int], eta: float, generator) -> torch.Tensor:
+    """The gamma sampler written out (docs/methods.md section 3), noise from ``generator``."""
+    for step, t in enumerate(timesteps):
+        eps = unet_eps(x, t)
+        x0 = (x - math.sqrt(1 - abar(t)) * eps) / math.sqrt(abar(t))
+        last = step == len(timesteps) - 1
+        t_next = 0 if last else timesteps[step + 1]
+        s = math.floor((1 - eta) * t_next)
+        x = math.sqrt(abar(s)) * x0 + math.sqrt(1 - abar(s)) * eps
+        if not last and s < t_next:
+            ratio = abar(t_next) / abar(s)
+            noise = torch.randn(x.shape, generator=generator)
+            x = math.sqrt(ratio) * x + math.sqrt(1 - ratio) * noise
+    return x
+
+
+class TimestepRecorder:
+    def __init__(self, unet):
+        self.seen: list[int] = []
+        self.handle = unet.register_forward_pre_hook(
+            lambda module, args: self.seen.append(int(args[1])))
+
+
+@torch.no_grad()
+def test_inside_the_sdxl_pipeline():
+    """``pipe.scheduler = TDDScheduler.from_config(...)`` in StableDiffusionXLPipeline: the
+    4-step table of N = 250 and the written-out gamma sampler, eta passed by the caller."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from tdd.models.tiny import build_tiny
+
+    teacher = build_tiny(sdxl=True)
+    pipe = StableDiffusionXLPipeline(
+        vae=teacher.vae, text_encoder=teacher.text.encoders[0],
+        text_encoder_2=teacher.text.encoders[1], tokenizer=teacher.text.tokenizers[0],
+        tokenizer_2=teacher.text.tokenizers[1], unet=teacher.unet,
+        scheduler=EulerDiscreteScheduler.from_config(SD_SCHEDULER),
+    )
+    pipe.scheduler = TDDScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    recorder = TimestepRecorder(pipe.unet)
+    out = pipe("a red circle", num_inference_steps=4, guidance_scale=1.0, eta=0.3,
+               generator=torch.Generator().manual_seed(0), output_type="latent").images
+    recorder.handle.remove()
+    assert recorder.seen == [999, 751, 499, 251]
+    assert pipe.scheduler.timesteps.tolist() == [999, 751, 499, 251]
+    hidden, _, pooled, _ = pipe.encode_prompt("a red circle", do_classifier_free_guidance=False)
+    added = {"text_embeds": pooled, "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    expected = gamma_loop(
+        lambda x, t: teacher.unet(x, t, encoder_hidden_states=hidden,
+                                  added_cond_kwargs=added).sample,
+        x, [999, 751, 499, 251], 0.3, g,
+    )
+    assert torch.allclose(out, expected, atol=1e-4)
+
+
+@torch.no_grad()
+def test_inside_the_img2img_pipeline():
+    """StableDiffusionImg2ImgPipeline with strength 0.5 starts the 4-step table at its third
+    timestep: VAE sample, add_noise to 499, then the written-out gamma steps 499 -> 251 -> 0."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from tdd.models.tiny import build_tiny
+
+    teacher = build_tiny()
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=teacher.vae, text_encoder=teacher.text.encoders[0],
+        tokenizer=teacher.text.tokenizers[0], unet=teacher.unet,
+        scheduler=TDDScheduler.from_config(SD_SCHEDULER), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    recorder = TimestepRecorder(pipe.unet)
+    out = pipe("a blue square", image=image, strength=0.5, num_inference_steps=4,
+               guidance_scale=1.0, eta=0.3, generator=torch.Generator().manual_seed(0),
+               output_type="latent").images
+    recorder.handle.remove()
+    assert recorder.seen == [499, 251]
+    hidden, _ = pipe.encode_prompt("a blue square", "cpu", 1, do_classifier_free_guidance=False)
+    g = torch.Generator().manual_seed(0)
+    posterior = teacher.vae.encode(image * 2 - 1).latent_dist
+    x0 = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g))
+    x0 = x0 * teacher.vae.config.scaling_factor
+    noise = torch.randn(x0.shape, generator=g)
+    x = math.sqrt(abar(499)) * x0 + math.sqrt(1 - abar(499)) * noise
+    expected = gamma_loop(
+        lambda x, t: teacher.unet(x, t, encoder_hidden_states=hidden).sample,
+        x, [499, 251], 0.3, g,
+    )
+    assert torch.allclose(out, expected, atol=1e-4)

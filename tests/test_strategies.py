@@ -38,6 +38,8 @@ def test_same_generator_gives_same_targets(strategy_index):
     index = torch.randint(0, 50, (512,), generator=torch.Generator().manual_seed(3))
     draw = lambda seed: strategy.sample(index, generator=torch.Generator().manual_seed(seed))  # noqa
     assert torch.equal(draw(7), draw(7))
+    if isinstance(strategy, (TCDTarget, TDDTarget)):  # the random strategies use the generator
+        assert not torch.equal(draw(7), draw(8))
 
 
 def test_tdd_jump_distribution_matches_the_scripts():

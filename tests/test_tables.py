@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -28,6 +29,15 @@ def test_table_has_one_row_per_run_and_one_column_per_step(tmp_path):
     assert lines[3] == "| lcm/decoupled/lora | 12.000 | 8.500 | 1.500 |"
     assert "99.000" in table(results, "fid", guidance_scale=1.7)
     assert plot(results, "fid", tmp_path / "fid.png").stat().st_size > 1000
+
+
+def test_runs_are_ordered_by_path_not_by_modification_time(tmp_path):
+    for job, strategy in [("10", "PCM"), ("2", "TCD"), ("1", "LCM"), ("0", "TDD")]:
+        write_run(tmp_path / job, strategy, {4: 1.0})
+    for age, job in enumerate(["0", "1", "2", "10"]):  # newest first
+        os.utime(tmp_path / job / "results.json", (1e9 - age, 1e9 - age))
+    labels = [run_label(r).split("/")[0] for r in collect(tmp_path)]
+    assert labels == ["tdd", "lcm", "tcd", "pcm"]
 
 
 def test_missing_results_are_reported(tmp_path):
