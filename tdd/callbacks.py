@@ -179,6 +179,12 @@ class RunClock(L.Callback):
     def seconds(self) -> float:
         return sum(segment["seconds"] for segment in self.segments())
 
+    def timings(self) -> dict:
+        """results.json's ``timings``: the segments and their sum, from one reading of the clock."""
+        segments = self.segments()
+        return {"seconds": sum(segment["seconds"] for segment in segments),
+                "segments": segments, "global_step": segments[-1]["steps"][1]}
+
     def state_dict(self) -> dict:
         return {"segments": self.segments()}
 
