@@ -157,7 +157,7 @@ class ProgressLog(L.Callback):
 
 class RunClock(L.Callback):
     """Wall time of a run across resumed segments: earlier segments travel in the checkpoint,
-    so ``seconds()`` is the whole run's time and ``segments()`` lists each part."""
+    so ``timings()`` gives the whole run's time and ``segments()`` each part."""
 
     def __init__(self):
         self.start = time.perf_counter()
@@ -176,11 +176,8 @@ class RunClock(L.Callback):
         now = {"steps": [self.first_step, step], "seconds": time.perf_counter() - self.start}
         return self.earlier + [now]
 
-    def seconds(self) -> float:
-        return sum(segment["seconds"] for segment in self.segments())
-
     def timings(self) -> dict:
-        """results.json's ``timings``: the segments and their sum, from one reading of the clock."""
+        """results.json's ``timings``: segments and their sum from one clock reading."""
         segments = self.segments()
         return {"seconds": sum(segment["seconds"] for segment in segments),
                 "segments": segments, "global_step": segments[-1]["steps"][1]}

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdd.data.shapes import ShapesDataModule, StreamSampler
+from tdd.data.samplers import EpochShuffleSampler
+from tdd.data.shapes import ShapesDataModule
 from tdd.distributed import rank_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,15 +27,20 @@ def test_rank_seeds_keep_rank_zero_and_differ_elsewhere():
 def test_stream_split_reads_the_single_process_order(world_size, drawn):
     """The ranks together read the stream as one process does, from a resumed position."""
     batch = 4
-    ranks = [list(StreamSampler(10_000, batch, rank, world_size, drawn))
-             for rank in range(world_size)]
+
+    def stream(rank, world, drawn=0):  # as ResumableData.train_sampler builds it for shapes
+        sampler = EpochShuffleSampler(10_000, 0, False, rank, world, batch)
+        sampler.skip(drawn // world * batch)
+        return sampler
+
+    ranks = [list(stream(rank, world_size, drawn)) for rank in range(world_size)]
     steps = min(len(r) for r in ranks) // batch
     interleaved = [i for step in range(steps) for r in ranks
                    for i in r[step * batch:(step + 1) * batch]]
-    single = list(StreamSampler(10_000, batch, 0, 1, drawn))
+    single = list(stream(0, 1, drawn))
     assert interleaved == single[:len(interleaved)] and interleaved[0] == drawn * batch
     per_rank = 10_000 // batch // world_size * batch
-    assert len(StreamSampler(10_000, batch, 0, world_size)) == per_rank
+    assert len(stream(0, world_size)) == per_rank
 
 
 def test_shapes_stream_is_not_listed_under_ddp():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from tdd.data.samplers import ResumableData
 
@@ -261,34 +261,6 @@ class HeldOutShapes(Dataset):
         return {"pixel_values": image * 2 - 1, "caption": self.specs[index].caption}
 
 
-class StreamSampler(DistributedSampler):
-    """Rank ``rank`` of ``world_size``'s share of a stream read in batches: global batch b holds
-    indices [b * batch_size, (b + 1) * batch_size), and rank r takes batches r, r + R, ..., so the
-    ranks together read the single-process order. Starts after ``batches_drawn`` global batches
-    (a resumed run). Nothing is listed: Lightning leaves a DistributedSampler as it is, where it
-    would otherwise wrap the sampler and list every index of the (2^31-long) stream.
-    """
-
-    def __init__(self, length: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 batches_drawn: int = 0):  # no super().__init__(): it wants a process group
-        self.length, self.batch_size, self.rank = length, batch_size, rank
-        self.world_size, self.epoch, self.shuffle = world_size, 0, False
-        self.batches_per_rank = length // batch_size // world_size
-        self._start = batches_drawn // world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        start, self._start = self._start, 0  # the skip applies to the first pass only
-        for i in range(start, self.batches_per_rank):
-            first = (i * self.world_size + self.rank) * self.batch_size
-            yield from range(first, first + self.batch_size)
-
-    def __len__(self) -> int:
-        return self.batches_per_rank * self.batch_size
-
-
 class ShapesDataModule(ResumableData):
     """``data=shapes``: the unlimited training stream plus a held-out validation prompt set."""
 
@@ -309,10 +281,7 @@ class ShapesDataModule(ResumableData):
 
     def train_dataloader(self) -> DataLoader:
         """The stream in order, from where a resumed run stopped, split by rank."""
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        sampler = StreamSampler(len(self.dataset), self.batch_size, rank, world,
-                                self._batches_drawn)
+        sampler = self.train_sampler(len(self.dataset), self.dataset.seed, shuffle=False)
         return self._loader(self.dataset, sampler, drop_last=True)
 
     def evaluation_set(self, n: int) -> tuple[list[str], torch.Tensor]:
