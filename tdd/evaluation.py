@@ -192,8 +192,7 @@ class Evaluation(L.Callback):
     def _teacher_settings(self, module) -> list[Setting]:
         scale = self.teacher_guidance_scale
         if scale is None:
-            guidance = module.guidance
-            scale = 1.0 + (guidance.w_min + guidance.w_max) / 2
+            scale = module.guidance.teacher_scale
         return [Setting(k, scale, teacher=True) for k in self.teacher_steps]
 
     def _score(self, unet, sampler, setting: Setting, module, output: Path) -> dict:
