@@ -161,9 +161,12 @@ def load_flow_components(root: Path, torch_dtype: torch.dtype, vae_root: Path | 
     import diffusers
     from diffusers import AutoencoderKL
 
-    name = pipeline_class_name(root)
+    index = json.loads((Path(root) / "model_index.json").read_text())
+    name = index["_class_name"]
     pipeline_cls = getattr(diffusers, name)
-    extra = {}
+    # components the folder saved as absent (e.g. SD3 without T5) are passed as None
+    extra = {k: None for k, v in index.items()
+             if not k.startswith("_") and (v is None or v == [None, None])}
     if vae_root is not None:
         extra["vae"] = AutoencoderKL.from_pretrained(vae_root)
     if name == "StableDiffusion3Pipeline" and not use_t5:
