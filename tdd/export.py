@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tdd.schedule import FLOW_SCHEDULER_CLASSES
-
 from tdd.sampling import Sampler, build_scheduler
+from tdd.schedule import FLOW_SCHEDULER_CLASSES
 
 ADAPTER = "default"
 WEIGHT_NAMES = {

@@ -1,4 +1,4 @@
-"""Model outputs to (x0, eps), the DDIM map and re-noising (docs/methods.md sections 0, 0.1, 3).
+"""Model outputs to (x0, eps), the DDIM map and re-noising (docs/methods.md sections 0, 0.2, 3).
 
 The functions take any schedule with ``coefficients`` (VP or flow): on a flow schedule the DDIM
 map of a velocity prediction is exactly the Euler step ``x_t + (sigma_s - sigma_t) v``."""
@@ -58,6 +58,6 @@ def renoise(
     noise: torch.Tensor,
 ) -> torch.Tensor:
     """Forward-diffuse s -> t >= s with fresh noise: ``scale x_s + std z`` (VP:
-    ``sqrt(abar_t/abar_s) x_s + sqrt(1 - abar_t/abar_s) z``; flow: docs/methods.md 0.1)."""
+    ``sqrt(abar_t/abar_s) x_s + sqrt(1 - abar_t/abar_s) z``; flow: docs/methods.md 0.2)."""
     scale, std = schedule.transition(s, t, x_s)
     return scale * x_s + std * noise

@@ -25,8 +25,13 @@ from tqdm.auto import tqdm
 
 from tdd.embedding import guidance_embedding
 from tdd.models.conditioning import Conditioning
-from tdd.models.flow import is_transformer, pack_latents, packs_latents, run_transformer
-from tdd.models.flow import unpack_latents
+from tdd.models.flow import (
+    is_transformer,
+    pack_latents,
+    packs_latents,
+    run_transformer,
+    unpack_latents,
+)
 from tdd.models.teacher import Teacher
 from tdd.schedule import DistillationGrid, check_eta, is_flow_config
 from tdd.schedulers import TDDFlowScheduler, TDDScheduler
@@ -48,7 +53,7 @@ class Sampler:
         raise NotImplementedError
 
     def build_flow(self, scheduler_config: Mapping) -> SchedulerMixin:
-        """The same method's sampler for a flow student (docs/methods.md 0.1): by default
+        """The same method's sampler for a flow student (docs/methods.md 0.2): by default
         :class:`TDDFlowScheduler` on the grid with this sampler's eta."""
         return TDDFlowScheduler.from_config(
             dict(scheduler_config), tdd_train_step=self.num_ddim_timesteps,

@@ -1,5 +1,5 @@
 """The noise schedules (VP and rectified flow), the distillation grid and the timesteps drawn
-from it (docs/methods.md sections 0, 0.1, 1 and 3).
+from it (docs/methods.md sections 0, 0.2, 1 and 3).
 
 Both schedule families write ``x_t = a_t * x0 + s_t * eps`` for the integer timestep t (an index
 into the teacher's T training timesteps): VP ``a_t = sqrt(abar[t])``, ``s_t = sqrt(1 - abar[t])``;
@@ -127,7 +127,7 @@ _UNSUPPORTED_FLOW = ("shift_terminal", "use_karras_sigmas", "use_exponential_sig
 def flow_sigmas(config: Mapping[str, Any], mu: float | None = None) -> torch.Tensor:
     """The teacher's training sigmas by timestep index t = 0..T-1 (ascending, float64):
     ``sigma[t] = shift((t + 1) / T)``, as FlowMatchEulerDiscreteScheduler's table read from
-    the noisy end backwards (docs/methods.md 0.1)."""
+    the noisy end backwards (docs/methods.md 0.2)."""
     bad = [key for key in _UNSUPPORTED_FLOW if config.get(key)]
     if bad:
         raise ValueError(f"flow scheduler config: {bad} are not supported")

@@ -1,4 +1,4 @@
-"""Rectified-flow teachers (docs/methods.md 0.1): the schedule, the Euler/gamma sampler, loading,
+"""Rectified-flow teachers (docs/methods.md 0.2): the schedule, the Euler/gamma sampler, loading,
 the training step against a written-out reference, guidance refusals and the stock pipelines."""
 
 from __future__ import annotations
@@ -15,8 +15,13 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_
 from helpers_flow import save_tiny_flux, save_tiny_sd3
 
 from tdd.export import export_student
-from tdd.guidance import CFGGuidance, DecoupledGuidance, EmbeddedGuidance, NoGuidance
-from tdd.guidance import WEmbedGuidance
+from tdd.guidance import (
+    CFGGuidance,
+    DecoupledGuidance,
+    EmbeddedGuidance,
+    NoGuidance,
+    WEmbedGuidance,
+)
 from tdd.losses import PseudoHuberLoss
 from tdd.models.students import FullStudent, LoRAStudent
 from tdd.models.teacher import check_teacher_dir, load_teacher
@@ -46,8 +51,16 @@ def folders(tmp_path_factory):
             "schnell": save_tiny_flux(root / "schnell", guidance_embeds=False)}
 
 
+_LOADED: dict = {}
+
+
 def load(folders, name):
-    return load_teacher(str(folders[name]), resolution=32, max_sequence_length=8)
+    """A fresh copy of the teacher loaded once through ``load_teacher`` (students modify the
+    teacher's transformer, so every test gets its own)."""
+    key = str(folders[name])
+    if key not in _LOADED:
+        _LOADED[key] = load_teacher(key, resolution=32, max_sequence_length=8)
+    return copy.deepcopy(_LOADED[key])
 
 
 # -- the schedule --------------------------------------------------------------------------------
@@ -153,6 +166,26 @@ def test_flow_gamma_sampler_renoises_with_its_generator_and_takes_the_pipeline_c
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+def test_flow_scheduler_config_round_trip_and_errors(tmp_path):
+    scheduler = TDDFlowScheduler.from_config(
+        FlowMatchEulerDiscreteScheduler(**{k: v for k, v in FLUX_CONFIG.items()
+                                           if not k.startswith("_")}).config,
+        tdd_train_step=50, eta=0.3)
+    scheduler.save_pretrained(tmp_path)
+    loaded = TDDFlowScheduler.from_pretrained(tmp_path)
+    assert loaded.config.use_dynamic_shifting and loaded.config.eta == 0.3
+    with pytest.raises(ValueError, match="mu"):
+        loaded.set_timesteps(4)  # FLUX's shift needs the resolution's mu
+    with pytest.raises(ValueError, match="num_inference_steps, sigmas or timesteps"):
+        loaded.set_timesteps(mu=0.5)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        TDDFlowScheduler().step(torch.zeros(1), 1.0, torch.zeros(1))
+    with pytest.raises(ValueError, match="eta"):
+        TDDFlowScheduler(eta=1.5)
+    with pytest.raises(ValueError, match="VP options"):
+        TDDSampler(special_jump=True).build_flow(SD3_CONFIG)
+
+
 def test_pcm_flow_schedule_runs_through_the_phase_edges():
     scheduler = PCMSampler(num_ddim_timesteps=50).build_flow(SD3_CONFIG)
     scheduler.set_timesteps(4)
@@ -204,7 +237,7 @@ def test_embedded_guidance_on_a_unet_teacher_is_refused():
                            PseudoHuberLoss(), partial(torch.optim.AdamW))
 
 
-# -- the training step against the TDD release's flow step, written out ----------------------------
+# -- the training step against the TDD release's flow step, written out -----------------------
 def build_module(teacher, strategy, guidance, student=None):
     student = student or partial(LoRAStudent, rank=4, alpha=4)
     module = DistillationModule(teacher, student, strategy, guidance, PseudoHuberLoss(0.001),
@@ -369,3 +402,27 @@ def test_full_student_exports_a_loadable_transformer(folders, tmp_path):
                        student.sampling_unet.state_dict()["proj_out.weight"])
     with pytest.raises(ValueError, match="kohya"):
         LoRAStudent(teacher.unet, rank=2, alpha=2).export(tmp_path / "k", "kohya")
+
+
+def test_half_precision_teacher_and_gradient_checkpointing_on_a_flow_transformer(folders):
+    """The frozen transformer in bfloat16 beside fp32 LoRA weights, and gradient
+    checkpointing, as for UNet teachers: checkpointing leaves loss and gradients unchanged."""
+    strategy, guidance = TCDTarget(), EmbeddedGuidance()
+    results = []
+    for checkpointing in (False, True):
+        student = partial(LoRAStudent, rank=4, alpha=4, gradient_checkpointing=checkpointing)
+        module = build_module(load(folders, "flux"), strategy, guidance, student)
+        loss = module.training_step(BATCH, 0)
+        loss.backward()
+        grads = [p.grad.clone() for p in module.student.trainable_parameters()]
+        results.append((loss.item(), grads))
+    assert abs(results[0][0] - results[1][0]) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
+    half = load_teacher(str(folders["flux"]), 32, dtype="bfloat16", max_sequence_length=8)
+    module = build_module(half, strategy, guidance)
+    assert half.unet.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in module.student.trainable_parameters())
+    loss = module.training_step(BATCH, 0)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.grad is not None for p in module.student.trainable_parameters())

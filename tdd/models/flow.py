@@ -1,4 +1,4 @@
-"""Rectified-flow teachers: SD3 / SD3.5 and FLUX.1 transformers (docs/methods.md 0.1).
+"""Rectified-flow teachers: SD3 / SD3.5 and FLUX.1 transformers (docs/methods.md 0.2).
 
 A flow teacher is a :class:`tdd.models.teacher.Teacher` whose denoiser is a diffusers
 ``SD3Transformer2DModel`` or ``FluxTransformer2DModel`` and whose scheduler config is a

@@ -14,8 +14,8 @@ from peft import LoraConfig
 from torch import nn
 
 from tdd.export import export_lora
-from tdd.models.flow import FLOW_LORA_TARGET_MODULES, is_transformer, run_transformer
 from tdd.models.ema import ema_update
+from tdd.models.flow import FLOW_LORA_TARGET_MODULES, is_transformer, run_transformer
 
 #: docs/methods.md section 4: the LoRA target modules of every published recipe.
 LORA_TARGET_MODULES = (

@@ -59,7 +59,7 @@ class Teacher:
         return calculate_shift((self.latent_size // 2) ** 2, self.scheduler_config)
 
     def noise_schedule(self) -> Schedule:
-        """The VP or flow schedule of this teacher (docs/methods.md 0 and 0.1)."""
+        """The VP or flow schedule of this teacher (docs/methods.md 0 and 0.2)."""
         return schedule_from_config(self.scheduler_config, self.mu)
 
     def frozen_modules(self) -> list[nn.Module]:

@@ -1,6 +1,6 @@
 """TDDFlowScheduler: the gamma (eta) sampler for students of rectified-flow teachers.
 
-docs/methods.md sections 0.1 and 3. The schedule is a set of indices into the teacher's T training
+docs/methods.md sections 0.2 and 3. The schedule is a set of indices into the teacher's T training
 timesteps (the distillation grid, as for VP students); each index t has the teacher's sigma[t]
 (with its shift, or FLUX's resolution shift mu) and the model timestep ``sigma[t] * T``. At step i
 with the velocity v at index t, the next index t' and ``s = floor((1 - eta) * t')``: the DDIM
