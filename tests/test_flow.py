@@ -207,8 +207,6 @@ def test_flow_teachers_load_from_local_diffusers_folders(folders, tmp_path):
     assert cond.hidden.shape == (1, 16 + 8, 32) and cond.added["pooled"].shape == (1, 16)
     assert len(bare.text.encoders) == 2 and bare.text(["a"]).hidden.shape == (1, 24, 32)
     assert flux.text(["a red circle"]).hidden.shape == (1, 8, 32)
-    half = load_teacher(str(folders["sd3"]), 32, dtype="bfloat16", max_sequence_length=8)
-    assert half.unet.dtype == torch.bfloat16 and half.vae.dtype == torch.bfloat16
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
@@ -360,7 +358,8 @@ def test_lora_targets_the_attention_and_feed_forward_projections(folders):
 
 
 @pytest.mark.parametrize("name, pipeline_cls, scale", [
-    ("sd3", StableDiffusion3Pipeline, 1.0), ("flux", FluxPipeline, 3.5)])
+    pytest.param("sd3", StableDiffusion3Pipeline, 1.0, marks=pytest.mark.slow),
+    ("flux", FluxPipeline, 3.5)])
 def test_stock_pipeline_with_the_exported_lora_reproduces_generate(folders, tmp_path, name,
                                                                    pipeline_cls, scale):
     teacher = load(folders, name)
@@ -410,6 +409,7 @@ def test_half_precision_teacher_and_gradient_checkpointing_on_a_flow_transformer
     strategy, guidance = TCDTarget(), EmbeddedGuidance()
     results = []
     for checkpointing in (False, True):
+        torch.manual_seed(0)  # PEFT draws the LoRA initialisation from the global generator
         student = partial(LoRAStudent, rank=4, alpha=4, gradient_checkpointing=checkpointing)
         module = build_module(load(folders, "flux"), strategy, guidance, student)
         loss = module.training_step(BATCH, 0)
@@ -420,7 +420,7 @@ def test_half_precision_teacher_and_gradient_checkpointing_on_a_flow_transformer
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
     half = load_teacher(str(folders["flux"]), 32, dtype="bfloat16", max_sequence_length=8)
     module = build_module(half, strategy, guidance)
-    assert half.unet.dtype == torch.bfloat16
+    assert half.unet.dtype == half.vae.dtype == half.text.encoders[0].dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in module.student.trainable_parameters())
     loss = module.training_step(BATCH, 0)
     loss.backward()
