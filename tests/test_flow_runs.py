@@ -75,3 +75,30 @@ def test_flow_model_options_need_a_path(make_cfg):
             train(cfg)
     guidance = hydra.utils.instantiate(make_cfg("guidance=embedded").guidance)
     assert guidance.embeds_scale and not guidance.uses_uncond and guidance.teacher_scale == 3.5
+
+
+def test_a_flux_run_is_evaluated_and_exported_for_its_pipeline(make_cfg, folders):
+    """Training, evaluation (the student's TDDFlowScheduler rows beside the teacher's Euler
+    row, both at the embedded scale) and the export a stock FluxPipeline reads."""
+    import json
+
+    from omegaconf import open_dict
+
+    cfg = make_cfg(*overrides(folders, "flux")[:-2], "trainer=cpu", "trainer.max_steps=2",
+                   "data.batch_size=2", "callbacks=none", "guidance=embedded",
+                   "strategy.num_ddim_timesteps=50", "student.rank=4", "student.alpha=4",
+                   "evaluation.steps=[2]", "evaluation.teacher_steps=[3]",
+                   "evaluation.num_images=4")
+    with open_dict(cfg):
+        cfg.metrics = {"_target_": "helpers_metrics.tiny_suite"}
+    results = train(cfg)
+    rows = results["metrics"]
+    assert set(rows) == {"teacher3", "2_g3.5"}
+    assert rows["teacher3"]["nfe"] == 3 and rows["2_g3.5"]["nfe"] == 2  # no CFG pass
+    assert rows["teacher3"]["guidance_scale"] == pytest.approx(3.5)
+    export = Path(results["export"]).parent
+    sampling = json.loads((export / "sampling.json").read_text())
+    assert sampling["scheduler"] == "TDDFlowScheduler"
+    assert sampling["calls"]["2"] == {"num_inference_steps": 2}  # eta lives in the config
+    config = json.loads((export / "scheduler" / "scheduler_config.json").read_text())
+    assert config["eta"] == 0.2 and config["use_dynamic_shifting"] is True
