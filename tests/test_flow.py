@@ -316,8 +316,9 @@ def reference_loss(module, teacher, strategy, guidance, sigmas, lcm_boundary=Fal
 
 
 @pytest.mark.parametrize("strategy, lcm_boundary", [
-    (TDDTarget(num_ddim_timesteps=50), False), (LCMTarget(), True), (PCMTarget(), False)],
-    ids=["tdd", "lcm", "pcm"])
+    (TDDTarget(num_ddim_timesteps=50), False),
+    pytest.param(LCMTarget(), True, marks=pytest.mark.slow),
+    pytest.param(PCMTarget(), False, marks=pytest.mark.slow)], ids=["tdd", "lcm", "pcm"])
 def test_sd3_training_step_equals_the_written_out_flow_step(folders, strategy, lcm_boundary):
     teacher = load(folders, "sd3")
     guidance = DecoupledGuidance(w=3.5, empty_prompt_share=0.5)
@@ -403,6 +404,7 @@ def test_full_student_exports_a_loadable_transformer(folders, tmp_path):
         LoRAStudent(teacher.unet, rank=2, alpha=2).export(tmp_path / "k", "kohya")
 
 
+@pytest.mark.slow
 def test_half_precision_teacher_and_gradient_checkpointing_on_a_flow_transformer(folders):
     """The frozen transformer in bfloat16 beside fp32 LoRA weights, and gradient
     checkpointing, as for UNet teachers: checkpointing leaves loss and gradients unchanged."""
