@@ -24,7 +24,10 @@ that step (``ckpt_path=<file> trainer.max_steps=<step>``: no step is trained, th
 scored) in its own directory. A finished run's ``results.json`` is copied, with its overrides,
 arm, seed, evaluation and step, into ``experiments/<study>/results/<arm>/seed<k>/`` (the
 training run as ``train.json``, with its logged loss curve), beside its ``per_image.npz`` when
-it wrote one: tables and plots regenerate from these committed files alone. A run that fails
+it wrote one and, in a folder of the same name, its sample grids (the first images of every
+setting, the same prompts and seeds in every arm): tables, plots and side-by-side comparisons
+regenerate from these committed files alone. SIGTERM/SIGINT/SIGUSR1 are passed on to the
+running run, which saves a checkpoint; the next call resumes it. A run that fails
 is recorded as ``<name>.failed.txt`` (its command and the end of its log) and retried on the
 next call; it never becomes a result.
 """
@@ -37,8 +40,10 @@ import json
 import math
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +119,15 @@ class Study:
         if unknown:
             raise ValueError(f"{path}: unknown evaluation keys {sorted(unknown)}")
         self.runs_dir = Path(runs_dir).resolve() / self.folder.resolve().name
+        self._child: subprocess.Popen | None = None
+        self.stopped: int | None = None  # the signal that stopped the study, if any
+
+    def stop(self, signum: int, frame=None) -> None:
+        """Signal handler: pass SIGTERM/SIGINT/SIGUSR1 on to the running run (which saves a
+        checkpoint and exits, tdd.callbacks.StopOnSignal) and start no further run."""
+        self.stopped = signum
+        if self._child is not None and self._child.poll() is None:
+            self._child.send_signal(signum)
 
     @property
     def checkpoint_every(self) -> int | None:
@@ -193,14 +207,23 @@ class Study:
         command = self.command(run)
         run.directory.mkdir(parents=True, exist_ok=True)
         log(f"run {run.arm}/seed{run.seed}/{run.name}: {shlex.join(command[1:])}")
+        started = time.monotonic()
         with open(run.directory / "study.log", "a") as out:
-            done = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+            self._child = subprocess.Popen(command, cwd=ROOT, stdout=out,
+                                           stderr=subprocess.STDOUT)
+            returncode = self._child.wait()
+            self._child = None
+        if self.stopped is not None:  # the run checkpointed on the forwarded signal
+            log(f"stopped {run.arm}/seed{run.seed}/{run.name} on signal {self.stopped}: "
+                "call again to continue")
+            return False
         produced = run.directory / "results.json"
-        if done.returncode != 0 or not produced.is_file():
+        if returncode != 0 or not produced.is_file():
             tail = (run.directory / "study.log").read_text(errors="replace")[-4000:]
-            return self._fail(run, command, f"exit status {done.returncode}\n{tail}", log)
+            return self._fail(run, command, f"exit status {returncode}\n{tail}", log)
         self.collect(run)
         run.failure.unlink(missing_ok=True)
+        log(f"done {run.arm}/seed{run.seed}/{run.name} in {time.monotonic() - started:.0f} s")
         return True
 
     def collect(self, run: Run) -> None:
@@ -217,6 +240,11 @@ class Study:
         per_image = run.directory / "per_image.npz"
         if per_image.is_file():
             shutil.copyfile(per_image, run.result.with_suffix(".npz"))
+        grids = sorted(run.directory.glob("samples/step*/*.png"))  # same prompts in every arm
+        for grid in grids if run.evaluation is not None else ():
+            target = run.result.with_suffix("") / grid.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(grid, target)
 
     def _fail(self, run: Run, command: list[str], why: str, log) -> bool:
         run.failure.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +261,8 @@ class Study:
             raise ValueError(f"--arm {unknown}: the study's arms are {list(self.arms)}")
         failed = started = 0
         for run in self.runs():
+            if self.stopped is not None:
+                break
             if run.done or (arms and run.arm not in arms) or (
                     trainings_only and run.evaluation is not None):
                 continue
@@ -309,9 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "status":
         print(study.status())
         return 0
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, study.stop)
     failed = study.run(args.max_runs, args.arm, log=lambda m: print(m, flush=True),
                        trainings_only=args.trainings_only)
     print(study.status().splitlines()[-1])
+    if study.stopped is not None:
+        return 128 + study.stopped
     return 1 if failed else 0
 
 
