@@ -43,12 +43,25 @@ FLUX_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
                "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}
 
 
+class Folders(dict):
+    """Tiny teacher folders, each saved on first use."""
+
+    BUILDERS = {"sd3": save_tiny_sd3, "flux": save_tiny_flux,
+                "sd3_no_t5": partial(save_tiny_sd3, t5=False),
+                "schnell": partial(save_tiny_flux, guidance_embeds=False)}
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name):
+        self[name] = self.BUILDERS[name](self.root / name)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flow_teachers")
-    return {"sd3": save_tiny_sd3(root / "sd3"), "flux": save_tiny_flux(root / "flux"),
-            "sd3_no_t5": save_tiny_sd3(root / "sd3_no_t5", t5=False),
-            "schnell": save_tiny_flux(root / "schnell", guidance_embeds=False)}
+    return Folders(tmp_path_factory.mktemp("flow_teachers"))
 
 
 _LOADED: dict = {}
@@ -214,13 +227,16 @@ def test_flow_teachers_load_from_local_diffusers_folders(folders, tmp_path):
         check_teacher_dir(broken)
 
 
+SLOW = pytest.mark.slow  # the same refusals run before loading in tests/test_flow_runs.py
+
+
 @pytest.mark.parametrize("name, guidance, message", [
-    ("sd3", EmbeddedGuidance(), "guidance_embeds"),
-    ("schnell", EmbeddedGuidance(), "guidance_embeds"),
+    pytest.param("sd3", EmbeddedGuidance(), "guidance_embeds", marks=SLOW),
+    pytest.param("schnell", EmbeddedGuidance(), "guidance_embeds", marks=SLOW),
     ("flux", DecoupledGuidance(), "use guidance=embedded"),
-    ("flux", CFGGuidance(), "use guidance=embedded"),
-    ("flux", NoGuidance(), "use guidance=embedded"),
-    ("sd3", WEmbedGuidance(), "time_cond_proj_dim"),
+    pytest.param("flux", CFGGuidance(), "use guidance=embedded", marks=SLOW),
+    pytest.param("flux", NoGuidance(), "use guidance=embedded", marks=SLOW),
+    pytest.param("sd3", WEmbedGuidance(), "time_cond_proj_dim", marks=SLOW),
 ])
 def test_guidance_modes_that_cannot_apply_are_refused(folders, name, guidance, message):
     teacher = load(folders, name)
