@@ -67,6 +67,16 @@ def test_refused_guidance_fails_before_the_teacher_loads(make_cfg, folders, monk
         train(cfg)
 
 
+def test_vp_only_sampler_options_fail_before_the_teacher_loads(make_cfg, folders, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the sampler was checked")
+
+    monkeypatch.setattr("tdd.models.teacher.load_teacher", must_not_load)
+    for option in ("sampler.special_jump=true", "sampler.clip_x0=true"):
+        with pytest.raises(ValueError, match="VP options"):
+            train(make_cfg(*overrides(folders, "sd3"), "strategy=tdd", option))
+
+
 def test_flow_model_options_need_a_path(make_cfg):
     for option in ("sd3", "flux"):
         cfg = make_cfg(f"model={option}", "debug=fdr")
