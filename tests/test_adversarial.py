@@ -452,3 +452,22 @@ def test_hinge_runs_with_other_students_guidance_and_teachers(make_cfg, override
     assert torch.isfinite(torch.tensor(results["train"]["train/loss"]))
     if "trainer.max_steps=2" in overrides:
         assert "train/g_loss" in results["train"]
+
+
+@pytest.mark.slow
+def test_hinge_under_ddp_on_two_cpu_processes(tmp_path):
+    """Two gloo processes: each step leaves the student or the heads without gradient, which
+    DDP accepts only with find_unused_parameters (set by the term)."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "run.py", "debug=default", "trainer=ddp_sim", "logger=none",
+               "model=tiny", "data=dummy", "metrics=none", "adversarial=hinge",
+               "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text())["timings"]["global_step"] == 2
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["adversarial_optimizer"]["state"]
