@@ -68,7 +68,8 @@ def step_times(teacher, adversarial, batch, steps: int, device: torch.device) ->
 
 def run(model: str, batch_size: int, steps: int, device: str, warmup: int = 2) -> dict:
     """Median step times after ``warmup`` steps; the term's cost per step is the mean of its
-    discriminator and student steps (they alternate) over the plain step."""
+    discriminator and student steps (they alternate) over the plain step, its cost per student
+    update twice that."""
     device = torch.device(device)
     factory = teacher_factory(model)
     teacher = factory()
@@ -86,7 +87,9 @@ def run(model: str, batch_size: int, steps: int, device: str, warmup: int = 2) -
     mean_adversarial = (row["discriminator_step_s"] + row["student_step_s"]) / 2
     return {"device": str(device), "model": model, "batch_size": batch_size, "steps": steps,
             **row, "adversarial_over_plain": mean_adversarial / row["plain_step_s"],
-            "student_step_over_plain": row["student_step_s"] / row["plain_step_s"]}
+            "student_step_over_plain": row["student_step_s"] / row["plain_step_s"],
+            # two steps per student update with the term, one without
+            "per_student_update_over_plain": 2 * mean_adversarial / row["plain_step_s"]}
 
 
 def main(argv: list[str] | None = None) -> None:
