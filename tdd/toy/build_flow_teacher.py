@@ -1,6 +1,7 @@
 """Builder of the toy flow teacher: a rectified-flow transformer in the stock
-``StableDiffusion3Pipeline`` layout (``SD3Transformer2DModel``, ``FlowMatchEulerDiscreteScheduler``,
-two CLIP text encoders, no T5), trained on the shapes world with the shipped toy VAE.
+``StableDiffusion3Pipeline`` layout (``SD3Transformer2DModel``,
+``FlowMatchEulerDiscreteScheduler``, two CLIP text encoders, no T5), trained on the shapes
+world with the shipped toy VAE.
 
 The pipeline without T5 conditions on ``max_sequence_length`` (256) zero tokens after the CLIP
 tokens. Those tokens are identical, so attention over them equals attention over one of them
@@ -18,7 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -40,9 +46,9 @@ from tdd.toy.common import (
     update_record,
 )
 
-DEFAULT_STEPS = 4000
+DEFAULT_STEPS = 2500
 BATCH = 48
-LR = 6e-4
+LR = 8e-4
 TEXT_LR = 1e-4
 MAX_LENGTH = 24  # CLIP tokens: the longest caption of the world has 23
 T5_LENGTH = 256  # the zero tokens StableDiffusion3Pipeline appends without a T5 encoder
@@ -252,7 +258,9 @@ def flow_vae(settings: BuildSettings) -> AutoencoderKL:
 
 
 def build_models(settings: BuildSettings) -> torch.nn.ModuleDict:
-    encoders = {name: text_encoder(settings) for name in ENCODERS}
+    """The transformer (on collapsed padding) and two text encoders from the same start."""
+    start = text_encoder(settings)
+    encoders = {name: copy.deepcopy(start) for name in ENCODERS}
     pooled = sum(e.config.projection_dim for e in encoders.values())
     joint = sum(e.config.hidden_size for e in encoders.values())
     model = torch.nn.ModuleDict({"transformer": transformer(pooled, joint), **encoders})
@@ -300,18 +308,22 @@ def train(settings: BuildSettings, vae: AutoencoderKL) -> torch.nn.ModuleDict:
     return ema
 
 
-def save_flow_pipeline(folder: Path, model: torch.nn.ModuleDict, vae: AutoencoderKL) -> Path:
-    """The diffusers SD3 layout (no T5), weights in float16; loads as float32 by default."""
-    from diffusers import StableDiffusion3Pipeline
-
-    transformer_ = copy.deepcopy(model["transformer"]).half().eval()
+def flow_pipeline(model: torch.nn.ModuleDict, vae: AutoencoderKL) -> StableDiffusion3Pipeline:
+    """Copies of the trained parts in a stock ``StableDiffusion3Pipeline`` without T5, the
+    transformer back on diffusers' own joint attention (the pipeline's 256 zero tokens)."""
+    transformer_ = copy.deepcopy(model["transformer"]).eval()
     transformer_.set_attn_processor(JointAttnProcessor2_0())
-    encoders = [copy.deepcopy(model[name]).half().eval() for name in ENCODERS]
-    pipe = StableDiffusion3Pipeline(
+    return StableDiffusion3Pipeline(
         transformer=transformer_, scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER),
-        vae=copy.deepcopy(vae).half(), text_encoder=encoders[0], tokenizer=flow_tokenizer(),
-        text_encoder_2=encoders[1], tokenizer_2=flow_tokenizer(), text_encoder_3=None,
-        tokenizer_3=None)
+        vae=copy.deepcopy(vae), text_encoder=copy.deepcopy(model["text_encoder"]).eval(),
+        tokenizer=flow_tokenizer(), text_encoder_2=copy.deepcopy(model["text_encoder_2"]).eval(),
+        tokenizer_2=flow_tokenizer(), text_encoder_3=None, tokenizer_3=None)
+
+
+def save_flow_pipeline(folder: Path, model: torch.nn.ModuleDict, vae: AutoencoderKL) -> Path:
+    """The diffusers SD3 layout (no T5), weights in float16; loads as float32 by default:
+    ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``."""
+    pipe = flow_pipeline(model, vae).to(torch.float16)
     if folder.exists():
         shutil.rmtree(folder)
     pipe.save_pretrained(folder)
