@@ -39,6 +39,14 @@ def settings(tmp_path, toy_out) -> BuildSettings:
                          log_every=1, ckpt_every_s=0.0)
 
 
+@pytest.fixture
+def small(monkeypatch):
+    """Builds use a 2-layer, 64-wide transformer (the shipped one is 6 x 128)."""
+    full = flow.transformer
+    monkeypatch.setattr(flow, "transformer",
+                        lambda pooled, joint: full(pooled, joint, width=64, layers=2))
+
+
 @pytest.fixture(scope="module")
 def vae(toy_out):
     return flow.flow_vae(BuildSettings(work=toy_out.parent / "work", out=toy_out))
@@ -95,7 +103,7 @@ def test_collapsed_padding_equals_the_pipeline_zero_tokens(qk_norm):
     assert (plain - stock).abs().max() > 1e-3
 
 
-def test_encode_is_the_pipeline_prompt_encoding(settings, vae):
+def test_encode_is_the_pipeline_prompt_encoding(settings, vae, small):
     model, tokenizer = flow.build_models(settings), flow.flow_tokenizer()
     pipe = flow.flow_pipeline(model, vae)
     with torch.no_grad():
@@ -117,7 +125,7 @@ def test_flow_vae_normalises_the_latents(vae):
     assert abs(float(x0.mean())) < 0.1 and 0.85 < float(x0.std()) < 1.15
 
 
-def test_flow_loss_trains_the_transformer_and_both_text_encoders(settings, vae):
+def test_flow_loss_trains_the_transformer_and_both_text_encoders(settings, vae, small):
     from tdd.toy.common import training_batch
 
     model, tokenizer = flow.build_models(settings), flow.flow_tokenizer()
@@ -134,11 +142,40 @@ def test_flow_loss_trains_the_transformer_and_both_text_encoders(settings, vae):
     assert (sigma > 0.95).float().mean() > 0.01  # the uniform share reaches the first step
 
 
+def test_flow_loss_is_the_velocity_error_on_normalised_latents(settings, vae, small,
+                                                               monkeypatch):
+    """With sigma 0 the transformer sees x0, with sigma 1 it sees eps (same draws); a
+    prediction of ones then costs mean((1 - (eps - x0))^2), x0 the SD3-normalised latent."""
+    from types import SimpleNamespace
+
+    from tdd.toy.common import training_batch
+
+    model, tokenizer = flow.build_models(settings), flow.flow_tokenizer()
+    images, specs = training_batch(0, 0, 16)
+    seen = {}
+
+    def ones(hidden_states, timestep, **kwargs):
+        seen["x"], seen["t"] = hidden_states, timestep
+        return SimpleNamespace(sample=torch.ones_like(hidden_states))
+
+    monkeypatch.setattr(model["transformer"], "forward", ones)
+    inputs = {}
+    for level in (0.0, 1.0):
+        monkeypatch.setattr(flow, "sample_sigmas", lambda n, g, v=level: torch.full((n,), v))
+        loss = flow.flow_loss(model, tokenizer, vae, images, [s.caption for s in specs],
+                              torch.Generator().manual_seed(0))
+        inputs[level] = seen["x"]
+        assert torch.equal(seen["t"], torch.full((16,), 1000 * level))
+    x0, eps = inputs[0.0], inputs[1.0]
+    assert torch.allclose(loss, (1 - (eps - x0)).pow(2).mean())
+    assert abs(float(x0.mean())) < 0.15 and 0.8 < float(x0.std()) < 1.2
+
+
 def _params(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
-def test_flow_build_resumes_where_it_stopped(settings, vae, monkeypatch, capsys):
+def test_flow_build_resumes_where_it_stopped(settings, vae, small, monkeypatch, capsys):
     straight = flow.train(BuildSettings(**{**vars(settings), "work": settings.work / "a"}), vae)
 
     calls = []
@@ -170,7 +207,7 @@ def test_flow_build_refuses_a_state_of_another_architecture(settings, vae):
     assert torch.load(path, weights_only=False)["step"] == 7  # left as it was
 
 
-def test_saved_pipeline_loads_as_stable_diffusion_3(settings, vae, tmp_path):
+def test_saved_pipeline_loads_as_stable_diffusion_3(settings, vae, small, tmp_path):
     from tdd.toy.measure_flow_teacher import load_flow_pipeline, sample
 
     torch.manual_seed(0)

@@ -46,7 +46,7 @@ from tdd.toy.common import (
     update_record,
 )
 
-DEFAULT_STEPS = 2500
+DEFAULT_STEPS = 4000
 BATCH = 48
 LR = 8e-4
 TEXT_LR = 1e-4
