@@ -121,6 +121,7 @@ def test_builders_write_the_flow_teacher_beside(tiny_build):
     assert set(teacher["teacher"]) >= {*ATTRIBUTES, "mean", "all", "clip_score"}
     assert set(teacher["passed"]) == set(teacher["gates"]) and not any(teacher["passed"].values())
     assert 0 < teacher["pipeline_megabytes"] < 12 and teacher["vae_shift_factor"] != 0
+    assert teacher["train_cpu_seconds"] > 0 and teacher["measure_seconds"] > 0
 
 
 def test_built_pipeline_loads_as_stable_diffusion(tiny_build):

@@ -176,7 +176,8 @@ def _params(module: torch.nn.Module) -> torch.Tensor:
 
 
 def test_flow_build_resumes_where_it_stopped(settings, vae, small, monkeypatch, capsys):
-    straight = flow.train(BuildSettings(**{**vars(settings), "work": settings.work / "a"}), vae)
+    straight, _ = flow.train(BuildSettings(**{**vars(settings), "work": settings.work / "a"}),
+                             vae)
 
     calls = []
 
@@ -191,8 +192,10 @@ def test_flow_build_resumes_where_it_stopped(settings, vae, small, monkeypatch, 
     with pytest.raises(KeyboardInterrupt):
         flow.train(settings, vae)
     monkeypatch.setattr(flow, "descend", descend)
-    resumed = flow.train(settings, vae)
+    resumed, seconds = flow.train(settings, vae)
     assert "[flow] resuming at step 2" in capsys.readouterr().out
+    state = torch.load(settings.work / "flow_teacher" / "state.pt", weights_only=False)
+    assert state["step"] == 3 and 0 < state["seconds"]["cpu"] <= seconds["cpu"]
     assert torch.allclose(_params(resumed), _params(straight), atol=1e-6)
     assert not torch.allclose(_params(resumed), _params(flow.build_models(settings)), atol=1e-4)
 

@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -268,8 +269,9 @@ def build_models(settings: BuildSettings) -> torch.nn.ModuleDict:
     return model
 
 
-def train(settings: BuildSettings, vae: AutoencoderKL) -> torch.nn.ModuleDict:
-    """Train (resuming from the work folder); returns the EMA weights."""
+def train(settings: BuildSettings, vae: AutoencoderKL) -> tuple[torch.nn.ModuleDict, dict]:
+    """Train (resuming from the work folder); returns the EMA weights and the wall-clock and
+    CPU seconds the training took, summed over the runs that resumed it."""
     torch.manual_seed(settings.seed)
     total = settings.steps or DEFAULT_STEPS
     tokenizer = flow_tokenizer()
@@ -281,16 +283,21 @@ def train(settings: BuildSettings, vae: AutoencoderKL) -> torch.nn.ModuleDict:
          {"params": text_params, "lr": TEXT_LR}], weight_decay=0.01)
     ema = copy.deepcopy(model).requires_grad_(False)
     ckpt = Checkpointer(settings.work_dir("flow_teacher"), settings.ckpt_every_s)
-    start = 0
+    start, before = 0, {"wall": 0.0, "cpu": 0.0}
     if (state := ckpt.load(model)) is not None:
         for module, key in ((model, "model"), (ema, "ema"), (optimizer, "optimizer")):
             module.load_state_dict(state[key])
-        start = state["step"]
+        start, before = state["step"], state.get("seconds", before)
         print(f"[flow] resuming at step {start}", flush=True)
+    wall, cpu = time.monotonic(), time.process_time()
+
+    def seconds() -> dict:
+        return {"wall": round(before["wall"] + time.monotonic() - wall, 1),
+                "cpu": round(before["cpu"] + time.process_time() - cpu, 1)}
 
     def snapshot(step: int) -> dict:
         return {"model": model.state_dict(), "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step}
+                "optimizer": optimizer.state_dict(), "step": step, "seconds": seconds()}
 
     progress = Progress("flow", total, start, settings.log_every)
     model.train()
@@ -305,7 +312,7 @@ def train(settings: BuildSettings, vae: AutoencoderKL) -> torch.nn.ModuleDict:
         progress.update(step, loss.item())
         ckpt.maybe_save(snapshot, step + 1)
     ckpt.maybe_save(snapshot, total, force=True)
-    return ema
+    return ema, seconds()
 
 
 def flow_pipeline(model: torch.nn.ModuleDict, vae: AutoencoderKL) -> StableDiffusion3Pipeline:
@@ -342,7 +349,7 @@ def asset_megabytes(folder: Path) -> float:
 def build_flow_teacher(settings: BuildSettings) -> dict:
     """Train (resuming), save the SD3-layout pipeline, measure and record ``quality.json``."""
     vae = flow_vae(settings)
-    ema = train(settings, vae)
+    ema, seconds = train(settings, vae)
     out = flow_out(settings)
     save_flow_pipeline(out / "pipeline", ema, vae)
     from tdd.toy.measure_flow_teacher import measure_flow_teacher
@@ -350,7 +357,8 @@ def build_flow_teacher(settings: BuildSettings) -> dict:
     result.update(steps=settings.steps or DEFAULT_STEPS, gates=GATES,
                   parameters={k: sum(p.numel() for p in m.parameters()) for k, m in ema.items()},
                   vae_shift_factor=vae.config.shift_factor,
-                  vae_scaling_factor=vae.config.scaling_factor)
+                  vae_scaling_factor=vae.config.scaling_factor,
+                  train_seconds=seconds["wall"], train_cpu_seconds=seconds["cpu"])
     result["pipeline_megabytes"] = asset_megabytes(out / "pipeline")
     result["passed"] = {
         name: result["teacher"][key] >= GATES[name]
