@@ -35,7 +35,7 @@ sweep: ## All four strategies as a Hydra multirun
 memory: ## Peak memory of one LoRA step on the SD1.5/SDXL UNet configs (random weights, JSON)
 	$(PY) -m tdd.bench memory
 
-toy-assets: ## Rebuild the toy teacher, evaluators and quality record (resumes from .toy-work/)
+toy-assets: ## Rebuild the toy VAE, evaluator, UNet and flow teachers, records (resumes .toy-work/)
 	$(PY) -m tdd.toy.build all --work .toy-work --threads 2
 
 bench: ## Benchmark: step time vs its floor and the scripts' way, sampling speed, memory (JSON)
