@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from helpers_metrics import kernel_distance
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -234,7 +235,7 @@ def test_suite_scores_against_real_and_teacher(tiny_clip_files):
     suite.set_reference("real", real)
     suite.set_reference("teacher", teacher)
     out = suite.score(generated, prompts)
-    assert set(out) == {"fid", "fid_teacher", "clip", "aesthetic"}
+    assert set(out) == {"fid", "fid_teacher", "kid", "kid_teacher", "clip", "aesthetic"}
     tokenizer = open_clip.get_tokenizer("tiny-metrics-clip")
     feats, clip = open_clip_direct(model, generated, prompts, tokenizer)
     real_feats, _ = open_clip_direct(model, real, prompts, tokenizer)
@@ -242,6 +243,8 @@ def test_suite_scores_against_real_and_teacher(tiny_clip_files):
     assert out["fid"] == pytest.approx(frechet_distance(feats, real_feats), rel=1e-3)
     assert out["fid_teacher"] == pytest.approx(frechet_distance(feats, teacher_feats), rel=1e-3)
     assert out["fid_teacher"] > 0 and abs(out["fid"] - out["fid_teacher"]) > 0.1
+    assert out["kid"] == pytest.approx(kernel_distance(feats, real_feats), rel=1e-4)
+    assert out["kid_teacher"] == pytest.approx(kernel_distance(feats, teacher_feats), rel=1e-4)
     assert out["clip"] == pytest.approx(float(clip.mean()), abs=1e-3)
     head = suite.scorers["aesthetic"].head
     aesthetic = head(F.normalize(feats, dim=-1).float()).mean()
@@ -251,7 +254,7 @@ def test_suite_scores_against_real_and_teacher(tiny_clip_files):
     suite.update(generated[5:], prompts[5:])
     streamed = suite.compute()
     assert streamed == pytest.approx(out, rel=1e-5, abs=1e-6)
-    assert set(suite.compute(references=["real"])) == {"fid", "clip", "aesthetic"}
+    assert set(suite.compute(references=["real"])) == {"fid", "kid", "clip", "aesthetic"}
     suite.reset()
     with pytest.raises(ValueError, match="no images scored|>= 2"):
         suite.compute()
@@ -358,7 +361,7 @@ def test_config_toy_matches_the_toy_evaluator(toy_evaluator_folder, monkeypatch)
     fake = reference_renders("val", 16, variant=1)
     suite.set_reference("real", real)
     out = suite.score(fake, prompts)
-    assert set(out) == {"fid", "clip", "aesthetic", "attribute_acc"}
+    assert set(out) == {"fid", "kid", "clip", "aesthetic", "attribute_acc", "sharpness"}
     # the same numbers straight from open_clip on the evaluator folder
     model = open_clip.create_model(f"local-dir:{toy_evaluator_folder}").eval()
     tokenizer = open_clip.get_tokenizer(f"local-dir:{toy_evaluator_folder}")
