@@ -120,6 +120,8 @@ def test_every_n_steps_etas_guidance_scales_and_teacher_scale(make_cfg):
         low, high = row["fid_ci"]  # bootstrap intervals over the images, around the estimate
         assert low <= row["fid"] <= high and row["kid_ci"][0] <= row["kid"] <= row["kid_ci"][1]
     assert "fid_teacher_ci" in rows["2"] and "kid_teacher" in rows["2"]
+    assert scores["teacher3/brightness"] == pytest.approx(images.mean(dim=(1, 2, 3)).numpy(),
+                                                          rel=1e-5)  # image by image
     step2 = read_per_image(out / "samples" / "step2" / "per_image.npz")
     assert set(step2) == set(scores)
     assert not np.array_equal(step2["2/brightness"], scores["2/brightness"])  # trained on
