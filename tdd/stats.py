@@ -90,6 +90,8 @@ def mean_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float,
     x = np.asarray(values, dtype=np.float64)
     if len(x) < 2:
         return (math.nan, math.nan)
+    if x.std() == 0:
+        return (float(x[0]), float(x[0]))
     half = t_quantile(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
     return (float(x.mean() - half), float(x.mean() + half))
 
@@ -151,25 +153,28 @@ def compare_seeds(
     common = sorted(set(a) & set(b), key=str)
     if len(common) >= 2 and len(common) == len(a) == len(b):
         d = np.array([b[s] - a[s] for s in common], dtype=np.float64)
-        interval = mean_interval(d, level)
-        p_value = _t_p_value(d.mean() / (d.std(ddof=1) / math.sqrt(len(d))), len(d) - 1)
-        return Comparison(float(d.mean()), interval, p_value, len(d), "paired seeds: t")
+        p_value = _t_p_value(d.mean(), d.std(ddof=1) / math.sqrt(len(d)), len(d) - 1)
+        return Comparison(float(d.mean()), mean_interval(d, level), p_value, len(d),
+                          "paired seeds: t")
     x, y = (np.array(list(v.values()), dtype=np.float64) for v in (a, b))
     if min(len(x), len(y)) < 2:
         return Comparison(float(y.mean() - x.mean()) if len(x) and len(y) else math.nan,
                           (math.nan, math.nan), math.nan, min(len(x), len(y)),
                           "fewer than 2 seeds: no test")
     va, vb = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-    df = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1))
     difference, scale = float(y.mean() - x.mean()), math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1)) if scale else 1.0
     half = t_quantile(0.5 + level / 2, df) * scale
     return Comparison(difference, (difference - half, difference + half),
-                      _t_p_value(difference / scale, df), min(len(x), len(y)), "Welch t")
+                      _t_p_value(difference, scale, df), min(len(x), len(y)), "Welch t")
 
 
-def _t_p_value(t: float, df: float) -> float:
-    """Two-sided p-value of a t statistic."""
-    return 2 * (1 - t_cdf(abs(t), df)) if math.isfinite(t) else 0.0
+def _t_p_value(difference: float, scale: float, df: float) -> float:
+    """Two-sided p-value of ``difference / scale`` under Student's t (no spread at all: 0
+    for a nonzero difference, 1 for none)."""
+    if scale == 0:
+        return 0.0 if difference else 1.0
+    return 2 * (1 - t_cdf(abs(difference / scale), df))
 
 
 def intervals_overlap(a: Sequence[float], b: Sequence[float]) -> bool:

@@ -1,6 +1,14 @@
-"""Paper-style tables and plots from the results.json files of many runs.
+"""Paper-style tables from the results of many runs: one row per arm (the runs that differ
+only by seed), labelled by the settings that differ between the arms, with mean +- std over
+seeds and a marker where an arm differs from a baseline beyond the interval.
 
+    python -m tdd.tables experiments/<study> --metric fid kid --baseline tdd
     python -m tdd.tables multirun/distill/2026-11-25_12-00-00 --metric fid --plot fid.png
+
+A study folder holds ``results/<arm>/seed<k>/<eval>.json`` (a run's results.json plus its
+``overrides``, ``arm``, ``seed``, ``eval`` and ``step``); a seed folder without the file is
+reported as a run that crashed or has not finished. Plain run and multirun directories are read
+through their ``results.json`` and ``.hydra/overrides.yaml``.
 """
 
 from __future__ import annotations
@@ -8,16 +16,53 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from tdd.stats import compare_seeds, intervals_overlap, is_number, summarize
 
-def collect(root: str | Path) -> list[dict]:
-    """Every results.json below ``root`` (a run or multirun directory) in path order, numbers
-    compared as numbers (multirun jobs 0, 1, 2, 10; dated run folders oldest first)."""
-    paths = sorted(Path(root).rglob("results.json"), key=_path_order)
-    if not paths:
-        raise FileNotFoundError(f"no results.json below {root}")
-    return [dict(json.loads(p.read_text()), path=str(p.parent)) for p in paths]
+#: Settings that tell replicate runs apart: runs differing only in these share a row.
+SEED_KEYS = ("seed", "evaluation.seed")
+#: Row entries that describe the setting rather than score it.
+NOT_METRICS = ("steps", "guidance_scale", "eta", "teacher")
+#: Config parts that differ between runs without being a setting of the experiment.
+IGNORED = ("paths", "hydra", "evaluation.sampler", "evaluation.metrics", "logger", "callbacks")
+
+
+def collect(root: str | Path, evaluation: str = "final") -> list[dict]:
+    """Every run below ``root`` in path order (numbers compared as numbers: multirun jobs 0, 1,
+    2, 10; dated run folders oldest first): its ``results.json``, or in a study folder its
+    ``results/<arm>/seed<k>/<evaluation>.json``; a seed folder without that file gives a
+    record with ``missing`` (the reason) and no metrics."""
+    root = Path(root)
+    records = []
+    for path in sorted(root.rglob("results.json"), key=_path_order):
+        overrides = path.parent / ".hydra" / "overrides.yaml"
+        record = dict(json.loads(path.read_text()), path=str(path.parent))
+        if "overrides" not in record and overrides.is_file():
+            record["overrides"] = _read_overrides(overrides)
+        records.append(record)
+    seed_dirs = [p for p in root.rglob("seed*") if p.is_dir() and re.fullmatch(r"seed\d+", p.name)]
+    for folder in sorted(seed_dirs, key=_path_order):
+        base = {"arm": folder.parent.name, "seed": int(folder.name[4:]), "path": str(folder)}
+        file = folder / f"{evaluation}.json"
+        if not file.is_file():
+            records.append(dict(base, missing=f"no {evaluation}.json (crashed or not finished)"))
+            continue
+        try:
+            records.append(dict(base, **json.loads(file.read_text())))
+        except json.JSONDecodeError as error:
+            records.append(dict(base, missing=f"{file.name} unreadable ({error.msg})"))
+    if not records:
+        raise FileNotFoundError(f"no results.json, and no results/<arm>/seed<k>/{evaluation}.json,"
+                                f" below {root}")
+    return records
+
+
+def _read_overrides(path: Path) -> list[str]:
+    from omegaconf import OmegaConf
+
+    return [str(item) for item in OmegaConf.to_container(OmegaConf.load(path))]
 
 
 def _path_order(path: Path) -> list[tuple[int, int | str]]:
@@ -37,28 +82,209 @@ def run_label(result: dict) -> str:
     return f"{_name(config.get('strategy'))}/{_name(config.get('guidance'))}/{student}"
 
 
-def table(results: list[dict], metric: str = "fid", guidance_scale: float = 1.0) -> str:
-    """Markdown: one row per run, one column per step count (student rows at
-    ``guidance_scale`` and the sampler's default eta), plus the teacher's reference rows."""
-    columns: dict[str, None] = {}
-    rows = []
-    for result in results:
-        cells = {}
-        for name, row in result.get("metrics", {}).items():
-            if row.get("teacher"):
-                cells[f"teacher@{row['steps']}"] = row.get(metric)
-            elif row.get("guidance_scale") == guidance_scale and "_eta" not in name:
-                cells[f"{row['steps']} steps"] = row.get(metric)
-        columns.update(dict.fromkeys(sorted(cells, key=_column_order)))
-        rows.append((run_label(result), cells))
-    if not any(isinstance(v, (int, float)) for _, cells in rows for v in cells.values()):
-        raise ValueError(f"no evaluated metric {metric!r} at guidance scale {guidance_scale}")
-    header = f"| run ({metric}) | " + " | ".join(columns) + " |"
-    lines = [header, "|" + "---|" * (len(columns) + 1)]
-    for label, cells in rows:
-        values = [_fmt(cells.get(c)) for c in columns]
-        lines.append(f"| {label} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
+# -- arms: runs that differ only by seed ------------------------------------------------------
+@dataclass
+class Arm:
+    """One table row: the runs of one arm, the settings they share and the row label."""
+
+    name: str | None
+    settings: dict[str, str]
+    runs: list[dict] = field(default_factory=list)
+    label: str = ""
+
+
+def settings_of(record: dict, from_overrides: bool) -> dict[str, str]:
+    """The run's settings without the seed: its overrides (``key=value``), or else the
+    resolved config flattened to dotted keys, a config group shown by its class name."""
+    if from_overrides:
+        pairs = (o.lstrip("+~").split("=", 1) for o in record.get("overrides") or [])
+        settings = {p[0]: p[1] if len(p) > 1 else "(removed)" for p in pairs}
+    else:
+        settings = _flatten(record.get("config") or {}, record)
+    return {k: v for k, v in settings.items() if k not in SEED_KEYS}
+
+
+def _flatten(config: dict, record: dict, prefix: str = "") -> dict[str, str]:
+    output_dir = str((record.get("config") or {}).get("paths", {}).get("output_dir", "\0"))
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if any(dotted == i or dotted.startswith(i + ".") for i in IGNORED):
+            continue
+        if isinstance(value, dict):
+            if "_target_" in value:
+                out[dotted] = _name(value)
+                continue  # the group's own settings come with its choice
+            out.update(_flatten(value, record, dotted + "."))
+        elif output_dir not in str(value):
+            out[dotted] = json.dumps(value) if isinstance(value, list) else str(value)
+    return out
+
+
+def group(records: list[dict]) -> list[Arm]:
+    """Arms in order of first appearance: a study's ``arm``, or else the runs' settings; each
+    labelled ``key=value, ...`` by the settings that are not the same in every arm."""
+    from_overrides = all("overrides" in r for r in records if "missing" not in r)
+    arms: dict[tuple, Arm] = {}
+    for record in records:
+        settings = {} if "missing" in record else settings_of(record, from_overrides)
+        key = ("arm", record["arm"]) if "arm" in record else tuple(sorted(settings.items()))
+        arm = arms.setdefault(key, Arm(record.get("arm"), settings))
+        arm.settings = arm.settings or settings
+        arm.runs.append(record)
+    arms_list = list(arms.values())
+    keys = sorted({k for arm in arms_list for k in arm.settings})
+    differing = [k for k in keys if len({arm.settings.get(k) for arm in arms_list}) > 1]
+    for arm in arms_list:
+        arm.label = ", ".join(f"{k}={arm.settings[k]}" for k in differing if k in arm.settings)
+    if len(arms_list) == 1 and arms_list[0].runs[0].get("config"):
+        arms_list[0].label = run_label(arms_list[0].runs[0])
+    return arms_list
+
+
+# -- the table --------------------------------------------------------------------------------
+def _cells(record: dict, metric: str, guidance_scale: float) -> dict[str, object]:
+    """Column -> value of one run (student rows at ``guidance_scale`` and the sampler's own
+    eta; the teacher rows), with the ``[low, high]`` interval under ``<column>/ci``."""
+    cells: dict[str, object] = {}
+    for name, row in (record.get("metrics") or {}).items():
+        if row.get("teacher"):
+            column = f"teacher@{row['steps']}"
+        elif row.get("guidance_scale") == guidance_scale and "_eta" not in name:
+            column = f"{row['steps']} steps"
+        else:
+            continue
+        cells[column] = row.get(metric)
+        if f"{metric}_ci" in row:
+            cells[f"{column}/ci"] = row[f"{metric}_ci"]
+    return cells
+
+
+def check_request(records: list[dict], metric: str, guidance_scale: float) -> None:
+    """An unknown metric or guidance scale is an error that names the valid ones."""
+    rows = [row for r in records for row in (r.get("metrics") or {}).values()]
+    metrics = sorted({k for row in rows for k, v in row.items()
+                      if k not in NOT_METRICS and (is_number(v) or isinstance(v, str))
+                      and k != "grid"})
+    if metric not in metrics:
+        raise ValueError(f"unknown metric {metric!r}: the results hold {', '.join(metrics)}")
+    scales = sorted({row.get("guidance_scale") for row in rows if not row.get("teacher")})
+    if guidance_scale not in scales:
+        raise ValueError(f"no student rows at guidance scale {guidance_scale:g}: evaluated "
+                         f"scales are {', '.join(f'{s:g}' for s in scales)}")
+    if not any(is_number(row.get(metric)) for row in rows):
+        raise ValueError(f"no evaluated metric {metric!r}: every value is missing or not "
+                         "computed")
+
+
+def table(records: list[dict], metric: str = "fid", guidance_scale: float = 1.0,
+          baseline: str | None = None) -> str:
+    """Markdown: one row per arm, one column per step count plus the teacher's rows; cells
+    ``mean ± std (n)`` over seeds (one run: the value and its interval over images, when the
+    run has one), ``*`` where the arm differs from ``baseline`` beyond the interval; notes on
+    every missing value below."""
+    check_request(records, metric, guidance_scale)
+    arms = group(records)
+    cells = [[_cells(run, metric, guidance_scale) for run in arm.runs] for arm in arms]
+    columns = sorted({c for arm in cells for run in arm for c in run if "/" not in c},
+                     key=_column_order)
+    base = _find_baseline(arms, baseline) if baseline else None
+    named = any(arm.name for arm in arms)
+    header = [f"arm ({metric})", "differs by"] if named else [f"run ({metric})"]
+    lines = ["| " + " | ".join(header + columns) + " |", "|" + "---|" * (len(header)
+                                                                        + len(columns))]
+    notes = {f"{_run_name(arm, run)}: {run['missing']}" for arm in arms for run in arm.runs
+             if "missing" in run}
+    for i, arm in enumerate(arms):
+        name = (arm.name or "") + (" (baseline)" if i == base else "")
+        row = [name, arm.label] if named else [arm.label]
+        for column in columns:
+            text, missing = _cell(arm, cells[i], column)
+            notes.update(missing)
+            if base is not None and i != base and _differs(arms[base], cells[base], arm,
+                                                           cells[i], column):
+                text += " *"
+            row.append(text)
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines + _legend(metric, baseline, base is not None, notes))
+
+
+def _run_name(arm: Arm, run: dict) -> str:
+    who = arm.name or arm.label or run.get("path", "?")
+    return f"{who} seed {run['seed']}" if "seed" in run else f"{who} ({run.get('path', '?')})"
+
+
+def _values(arm: Arm, cells: list[dict], column: str) -> dict[str, object]:
+    return {_run_name(arm, run): run.get("missing") or c.get(column)
+            for run, c in zip(arm.runs, cells)}
+
+
+def _cell(arm: Arm, cells: list[dict], column: str) -> tuple[str, list[str]]:
+    """The arm's cell and its notes: a reason a run gives for a missing value ("not
+    computed: ..."), or a run without the value where other runs of the arm have it (crashed
+    runs are noted once, by the table)."""
+    values = {_run_name(arm, run): None if "missing" in run else c.get(column)
+              for run, c in zip(arm.runs, cells)}
+    s = summarize(values)
+    total = len(values)
+    notes = [f"{column}: {m}" for m in s.missing
+             if isinstance(values[m.split(": ", 1)[0]], str) or (
+                 s.n and m.split(": ", 1)[0] in _present(arm))]
+    if s.n == 0:
+        return ("n/a" if any(isinstance(v, str) for v in values.values()) else "-"), notes
+    count = f"{s.n}" if s.n == total else f"{s.n}/{total}"
+    if total > 1:
+        return f"{_fmt(s.mean)} ± {_fmt(s.std)} ({count})" if s.n > 1 else (
+            f"{_fmt(s.mean)} ({count})"), notes
+    ci = cells[0].get(f"{column}/ci")
+    return _fmt(s.mean) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""), notes
+
+
+def _present(arm: Arm) -> set[str]:
+    """The arm's runs that finished (crashed ones are noted once, by the table)."""
+    return {_run_name(arm, run) for run in arm.runs if "missing" not in run}
+
+
+def _differs(base: Arm, base_cells: list[dict], arm: Arm, cells: list[dict], column) -> bool:
+    """Seeds on both sides: a t interval on the difference; one run each: the runs' intervals
+    over images do not overlap. Anything else is not tested."""
+    def by_seed(a, c):
+        return {run.get("seed", k): c_[column] for k, (run, c_) in enumerate(zip(a.runs, c))
+                if "missing" not in run and is_number(c_.get(column))}
+    x, y = by_seed(base, base_cells), by_seed(arm, cells)
+    if min(len(x), len(y)) >= 2:
+        return compare_seeds(x, y).differs
+    ci_x = [c.get(f"{column}/ci") for c in base_cells if c.get(f"{column}/ci")]
+    ci_y = [c.get(f"{column}/ci") for c in cells if c.get(f"{column}/ci")]
+    if len(x) == len(y) == len(ci_x) == len(ci_y) == 1:
+        return not intervals_overlap(ci_x[0], ci_y[0])
+    return False
+
+
+def _find_baseline(arms: list[Arm], baseline: str) -> int:
+    """The arm named ``baseline``, or labelled so, or with one setting of that value."""
+    def matches(arm: Arm) -> bool:
+        return baseline in (arm.name, arm.label) or (
+            not any(a.name == baseline or a.label == baseline for a in arms)
+            and baseline in [part.split("=", 1)[-1] for part in arm.label.split(", ")])
+    found = [i for i, arm in enumerate(arms) if matches(arm)]
+    if len(found) != 1:
+        names = "; ".join(arm.name or arm.label for arm in arms)
+        raise ValueError(f"--baseline {baseline!r} matches {len(found)} rows; rows: {names}")
+    return found[0]
+
+
+def _legend(metric: str, baseline: str | None, marked: bool, notes: set[str]) -> list[str]:
+    lines = ["", "Cells: mean ± std over training seeds (number of seeds; k/n when only k of "
+             "n runs have a value); a single run: the value and, for FID/KID, its 95 % "
+             "bootstrap interval over images."]
+    if marked:
+        lines.append(f"`*`: differs from the baseline `{baseline}` beyond the 95 % interval "
+                     "(paired t over matched seeds, Welch t otherwise; single runs: "
+                     "intervals over images that do not overlap).")
+    if notes:
+        lines += ["", f"Missing values ({metric}):"] + [f"- {n}" for n in sorted(notes)]
+    return lines
 
 
 def _column_order(column: str) -> tuple[int, int]:
@@ -67,30 +293,39 @@ def _column_order(column: str) -> tuple[int, int]:
 
 
 def _fmt(value) -> str:
-    """A number to 3 decimals; ``-`` when missing, ``n/a`` when not computed (a reason)."""
+    """A number to 3 decimals (3 significant digits below 0.1); ``-`` when missing, ``n/a``
+    when not computed (a reason)."""
     if value is None:
         return "-"
-    return "n/a" if isinstance(value, str) else f"{value:.3f}"
+    if isinstance(value, str):
+        return "n/a"
+    return f"{value:.3g}" if 0 < abs(value) < 0.1 else f"{value:.3f}"
 
 
-def plot(results: list[dict], metric: str, path: str | Path, guidance_scale: float = 1.0):
-    """Metric against sampling steps, one line per run; the teacher rows as dashed levels."""
-    import matplotlib
+def plot(records: list[dict], metric: str, path: str | Path, guidance_scale: float = 1.0):
+    """Metric against sampling steps, one line per arm (mean over seeds); the teacher rows
+    as dashed levels."""
+    from tdd.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    check_request(records, metric, guidance_scale)
     figure, axis = plt.subplots(figsize=(5, 3.5))
-    for result in results:
-        rows = [r for n, r in result.get("metrics", {}).items() if not r.get("teacher")
-                and r.get("guidance_scale") == guidance_scale and "_eta" not in n]
-        rows.sort(key=lambda r: r["steps"])
-        rows = [r for r in rows if isinstance(r.get(metric), (int, float))]
-        line, = axis.plot([r["steps"] for r in rows], [r[metric] for r in rows], "o-",
-                          label=run_label(result))
-        for row in (r for r in result.get("metrics", {}).values() if r.get("teacher")):
-            if isinstance(row.get(metric), (int, float)):
-                axis.axhline(row[metric], color=line.get_color(), ls="--", lw=0.8)
+    for arm in group(records):
+        points: dict[int, list[float]] = {}
+        teacher: list[float] = []
+        for run in arm.runs:
+            for name, row in (run.get("metrics") or {}).items():
+                if not is_number(row.get(metric)):
+                    continue
+                if row.get("teacher"):
+                    teacher.append(row[metric])
+                elif row.get("guidance_scale") == guidance_scale and "_eta" not in name:
+                    points.setdefault(row["steps"], []).append(row[metric])
+        steps = sorted(points)
+        line, = axis.plot(steps, [sum(points[k]) / len(points[k]) for k in steps], "o-",
+                          label=arm.name or arm.label)
+        for level in sorted(set(teacher)):
+            axis.axhline(level, color=line.get_color(), ls="--", lw=0.8)
     axis.set_xlabel("sampling steps")
     axis.set_ylabel(metric)
     axis.legend(fontsize=7)
@@ -102,15 +337,18 @@ def plot(results: list[dict], metric: str, path: str | Path, guidance_scale: flo
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", help="a run or multirun directory")
-    parser.add_argument("--metric", default="fid")
+    parser.add_argument("root", help="a study folder, or a run or multirun directory")
+    parser.add_argument("--metric", nargs="+", default=["fid"])
     parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--baseline", help="the arm the others are compared with")
+    parser.add_argument("--eval", default="final", help="the study's evaluation name")
     parser.add_argument("--plot", help="also save a metric-vs-steps plot here")
     args = parser.parse_args(argv)
-    results = collect(args.root)
-    print(table(results, args.metric, args.guidance_scale))
+    records = collect(args.root, args.eval)
+    print("\n\n".join(table(records, m, args.guidance_scale, args.baseline)
+                      for m in args.metric))
     if args.plot:
-        print(f"plot: {plot(results, args.metric, args.plot, args.guidance_scale)}")
+        print(f"plot: {plot(records, args.metric[0], args.plot, args.guidance_scale)}")
 
 
 if __name__ == "__main__":
