@@ -296,13 +296,17 @@ def test_config_none():
 def test_config_real_builds_and_scores(tmp_path, tiny_clip_files, inception_file, monkeypatch):
     no_downloads(monkeypatch)
     settings = real_overrides(tmp_path, tiny_clip_files, inception_file)
-    cfg = compose_metrics("real", [f"metrics.{k}={v}" for k, v in settings.items()])
+    cfg = compose_metrics("real", [f"metrics.{k}={v}" for k, v in settings.items()] + [
+        "metrics.kid_subsets=7", "metrics.kid_subset_size=50", "metrics.sharpness_cutoff=0.4"])
     suite = instantiate(cfg.metrics)
     assert suite.enabled and isinstance(suite.fid.feature, InceptionFeatures)
+    assert (suite.fid.kid_subsets, suite.fid.kid_subset_size) == (7, 50)
+    assert suite.scorers["sharpness"].cutoff == 0.4
     assert suite.scorers["aesthetic"].encoder.model is suite.scorers["clip"].images.model
     assert suite.fid.feature.net.use_antialias is False
     names = ["red", "blue", "green"]  # scoring the 299x299 Inception is left to the FID tests
     images, prompts = squares(names, seed=2), captions(names)
+    suite.set_scorer_reference(squares(names, seed=3))  # sharpness: relative to real images
     scores = {key: scorer(images, prompts) for key, scorer in suite.scorers.items()}
     assert scores["clip"].mean() > 50 and torch.isfinite(scores["aesthetic"]).all()
 
@@ -353,8 +357,10 @@ def toy_evaluator_folder(tmp_path_factory) -> Path:
 
 def test_config_toy_matches_the_toy_evaluator(toy_evaluator_folder, monkeypatch):
     no_downloads(monkeypatch)
-    cfg = compose_metrics("toy", [f"metrics.evaluator={toy_evaluator_folder}"])
+    cfg = compose_metrics("toy", [f"metrics.evaluator={toy_evaluator_folder}",
+                                  "metrics.kid_subsets=3", "metrics.sharpness_cutoff=0.3"])
     suite = instantiate(cfg.metrics)
+    assert suite.fid.kid_subsets == 3 and suite.scorers["sharpness"].cutoff == 0.3
     specs, _ = eval_scenes("val", 16)
     prompts = [spec.caption for spec in specs]
     real = reference_renders("val", 16)
@@ -375,6 +381,20 @@ def test_config_toy_matches_the_toy_evaluator(toy_evaluator_folder, monkeypatch)
     shared = suite.scorers["attribute_acc"].evaluator  # same text cache: no second encoding
     accuracy = shared.attribute_accuracy(fake, specs)["mean"]
     assert out["attribute_acc"] == pytest.approx(accuracy, abs=1e-6)
+
+
+@pytest.mark.parametrize("option", ["toy", "real"])
+@pytest.mark.parametrize("setting", ["kid_subsets=0", "kid_subset_size=1",
+                                     "sharpness_cutoff=1.0"])
+def test_config_bad_kid_or_sharpness_setting_fails_before_loading(
+        tmp_path, option, setting, monkeypatch):
+    """Checked before any file is read: the paths here do not even exist."""
+    missing = {"evaluator": tmp_path / "none"} if option == "toy" else {
+        k: tmp_path / "none" for k in ("fid_weights", "clip_checkpoint", "aesthetic_head")}
+    cfg = compose_metrics(option, [f"metrics.{k}={v}" for k, v in missing.items()]
+                          + [f"metrics.{setting}"])
+    with pytest.raises(InstantiationException, match=rf"metrics\.{setting.split('=')[0]}="):
+        instantiate(cfg.metrics)
 
 
 def test_config_toy_missing_evaluator_names_the_setting(tmp_path):
