@@ -19,7 +19,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tdd.stats import compare_seeds, intervals_overlap, is_number, summarize
+import numpy as np
+import torch
+
+from tdd.stats import compare_seeds, intervals_overlap, is_number, paired_images, summarize
 
 #: Settings that tell replicate runs apart: runs differing only in these share a row.
 SEED_KEYS = ("seed", "evaluation.seed")
@@ -287,6 +290,69 @@ def _legend(metric: str, baseline: str | None, marked: bool, notes: set[str]) ->
     return lines
 
 
+# -- paired per-image comparisons -------------------------------------------------------------
+def per_image_file(record: dict) -> Path:
+    """A run's per-image scores: ``<eval>.npz`` beside a study's ``<eval>.json``, else the run
+    directory's ``per_image.npz``."""
+    name = f"{record['eval']}.npz" if "eval" in record else "per_image.npz"
+    return Path(record["path"]) / name
+
+
+def paired_table(records: list[dict], metric: str, setting: str, baseline: str) -> str:
+    """Markdown: every arm against ``baseline`` on the per-image ``metric`` of one evaluated
+    ``setting``, image by image over the seeds both arms ran (same prompts and per-image seeds
+    required): the mean difference, its 95 % paired bootstrap interval and the sign-flip
+    p-value; ``*`` where the interval excludes 0. The interval is over images, for these
+    trained runs: the spread between training seeds is in the seed table, not here."""
+    arms = group(records)
+    base = _find_baseline(arms, baseline)
+    key = f"{setting}/{metric}"
+    lines = [f"| arm ({metric} @ {setting}, paired with `{baseline}`) | differs by | mean "
+             "difference | 95 % interval | p (sign flips) | images (seeds) |",
+             "|---|---|---|---|---|---|"]
+    notes: set[str] = set()
+    for i, arm in enumerate(arms):
+        if i == base:
+            continue
+        a, b, seeds = _paired_scores(arms[base], arm, key, notes)
+        if not seeds:
+            lines.append(f"| {arm.name or ''} | {arm.label} | - | - | - | 0 |")
+            continue
+        c = paired_images(a, b, generator=torch.Generator().manual_seed(0))
+        mark = " *" if c.differs else ""
+        lines.append(f"| {arm.name or ''} | {arm.label} | {_fmt(c.difference)}{mark} | "
+                     f"[{_fmt(c.interval[0])}, {_fmt(c.interval[1])}] | {c.p_value:.3g} | "
+                     f"{c.n} ({len(seeds)}) |")
+    return "\n".join(lines + ([""] + [f"- {n}" for n in sorted(notes)] if notes else []))
+
+
+def _paired_scores(base: Arm, arm: Arm, key: str, notes: set[str]):
+    """The two arms' per-image scores, concatenated over the seeds both have."""
+    def runs(a: Arm) -> dict:
+        return {r.get("seed"): r for r in a.runs if "missing" not in r}
+    x, y = runs(base), runs(arm)
+    a, b, seeds = [], [], []
+    for seed in sorted(set(x) & set(y), key=str):
+        files = [per_image_file(x[seed]), per_image_file(y[seed])]
+        if not all(f.is_file() for f in files):
+            notes.add(f"seed {seed}: no per-image scores ({', '.join(map(str, files))})")
+            continue
+        first, second = (np.load(f, allow_pickle=False) for f in files)
+        if key not in first.files or key not in second.files:
+            valid = sorted(k for k in first.files if "/" in k)
+            raise ValueError(f"no per-image {key!r} in {files[0]} or {files[1]}; per-image "
+                             f"scores: {', '.join(valid)}")
+        if not (np.array_equal(first["prompts"], second["prompts"])
+                and np.array_equal(first["seeds"], second["seeds"])):
+            notes.add(f"seed {seed}: {arm.name or arm.label} was evaluated on other prompts "
+                      "or per-image seeds: not paired")
+            continue
+        a.append(first[key])
+        b.append(second[key])
+        seeds.append(seed)
+    return (np.concatenate(a) if a else None), (np.concatenate(b) if b else None), seeds
+
+
 def _column_order(column: str) -> tuple[int, int]:
     return (1, int(column.split("@")[1])) if column.startswith("teacher") else (
         0, int(column.split()[0]))
@@ -342,11 +408,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--baseline", help="the arm the others are compared with")
     parser.add_argument("--eval", default="final", help="the study's evaluation name")
+    parser.add_argument("--paired", metavar="SETTING",
+                        help="also compare every arm with --baseline image by image at this "
+                        "evaluated setting (e.g. 4), for per-image metrics")
     parser.add_argument("--plot", help="also save a metric-vs-steps plot here")
     args = parser.parse_args(argv)
+    if args.paired and not args.baseline:
+        parser.error("--paired needs --baseline")
     records = collect(args.root, args.eval)
-    print("\n\n".join(table(records, m, args.guidance_scale, args.baseline)
-                      for m in args.metric))
+    tables = [table(records, m, args.guidance_scale, args.baseline) for m in args.metric]
+    if args.paired:
+        tables += [paired_table(records, m, args.paired, args.baseline) for m in args.metric]
+    print("\n\n".join(tables))
     if args.plot:
         print(f"plot: {plot(records, args.metric[0], args.plot, args.guidance_scale)}")
 

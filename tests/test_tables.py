@@ -1,10 +1,13 @@
 import json
 import os
 
+import numpy as np
 import pytest
+import torch
 from helpers_study import write_study_run
 
-from tdd.tables import collect, group, main, plot, run_label, table
+from tdd.evaluation import write_per_image
+from tdd.tables import collect, group, main, paired_table, plot, run_label, table
 
 NOISE = {0: -1.0, 1: 0.0, 2: 1.0}  # per training seed: mean 0, std 1
 
@@ -157,3 +160,33 @@ def test_regenerating_is_byte_identical_whatever_the_write_order(tmp_path, capsy
         outputs.append(capsys.readouterr().out.encode())
     assert outputs[0] == outputs[1] == outputs[2]
     assert b"| arm (kid) |" in outputs[0]
+
+
+def test_paired_per_image_comparison_flags_a_small_constant_shift(tmp_path, capsys):
+    """CLIP per image: prompts differ a lot (std 3), arms by 0.3 on every image (lcm) or not
+    at all (tdd_w260): image by image, only lcm is marked."""
+    rng = np.random.default_rng(0)
+    prompts = [f"prompt {k}" for k in range(128)]
+    prompt_effect = rng.normal(30, 3, 128)
+    for arm, shift in {"tdd": 0.0, "lcm": 0.3, "tdd_w260": 0.0}.items():
+        for seed in (0, 1):
+            scores = prompt_effect + shift + rng.normal(0, 0.2, 128)
+            folder = write_study_run(tmp_path, arm, seed, [f"strategy={arm}"],
+                                     {"clip": float(scores.mean())})
+            write_per_image(folder / "final.npz", prompts, range(128),
+                            {"4/clip": torch.tensor(scores)})
+    main([str(tmp_path), "--metric", "clip", "--baseline", "tdd", "--paired", "4"])
+    text = capsys.readouterr().out
+    lines = text.split("| arm (clip @ 4, paired with `tdd`)")[1].splitlines()
+    assert lines[2].startswith("| lcm | strategy=lcm | 0.3") and " * | [0.2" in lines[2]
+    assert lines[2].endswith("| 256 (2) |")  # 128 images x 2 matched seeds
+    assert lines[3].startswith("| tdd_w260 |") and " * " not in lines[3]
+    records = collect(tmp_path)
+    with pytest.raises(ValueError, match=r"no per-image '4/sharpness'.*scores: 4/clip"):
+        paired_table(records, "sharpness", "4", "tdd")
+    # other prompts are not paired: reported, not compared
+    write_per_image(tmp_path / "results" / "lcm" / "seed1" / "final.npz", prompts[::-1],
+                    range(128), {"4/clip": torch.zeros(128)})
+    text = paired_table(collect(tmp_path), "clip", "4", "tdd")
+    assert "| 128 (1) |" in text
+    assert "- seed 1: lcm was evaluated on other prompts or per-image seeds: not paired" in text
