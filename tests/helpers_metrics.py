@@ -36,7 +36,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def kernel_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """KID written out pair by pair: the unbiased MMD^2 with ``k(x, y) = (x.y / d + 1)^3``,
-    averaging k over the pairs of distinct images within each set and over all cross pairs."""
+    averaging k over the pairs of distinct images within each set and over the cross pairs
+    (of distinct indices when the sets are equally large: image i of each is the same prompt)."""
     a, b = a.double(), b.double()
     d = a.shape[1]
 
@@ -45,6 +46,7 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
     within_a = [k(a[i], a[j]) for i in range(len(a)) for j in range(len(a)) if i != j]
     within_b = [k(b[i], b[j]) for i in range(len(b)) for j in range(len(b)) if i != j]
-    across = [k(x, y) for x in a for y in b]
+    across = [k(x, y) for i, x in enumerate(a) for j, y in enumerate(b)
+              if len(a) != len(b) or i != j]
     return (sum(within_a) / len(within_a) + sum(within_b) / len(within_b)
             - 2 * sum(across) / len(across))

@@ -45,6 +45,19 @@ def test_kid_equals_the_pairwise_formula():
     assert got == pytest.approx(sum(expected) / 7, rel=1e-9)
 
 
+def test_kid_of_paired_sets_leaves_out_the_matched_pairs():
+    """Generated image i shows the prompt of real image i: near-copies across the sets must
+    not pull KID below 0 (the U-statistic over distinct indices)."""
+    real = gaussian(64, 4, seed=1)
+    near_copies = real + 0.05 * gaussian(64, 4, seed=2)
+    assert abs(mmd2_unbiased(near_copies, real)) < 0.05
+    assert mmd2_unbiased(near_copies, real) == pytest.approx(
+        kernel_distance(near_copies, real), rel=1e-9)
+    counts = torch.ones(1, 64, dtype=torch.long)
+    assert float(kid_resampled(near_copies, real, counts)) == pytest.approx(
+        mmd2_unbiased(near_copies, real))
+
+
 def test_kid_is_unbiased_on_small_sets_where_fid_is_not():
     """Pairs of 12-image sets from one distribution: KID averages to 0, FID stays far above."""
     kids, fids = [], []
@@ -69,6 +82,16 @@ def test_resampled_scores_equal_the_scores_of_the_resampled_sets():
         assert float(kid_value) == pytest.approx(kernel_distance(drawn, ref), rel=1e-8)
     ones = torch.ones(1, 15, dtype=torch.long)  # every image once: the plain estimates
     assert float(kid_resampled(x, ref, ones)) == pytest.approx(mmd2_unbiased(x, ref))
+
+
+def test_fid_interval_stays_at_or_above_zero():
+    """Near-identical sets: the centred interval would reach below 0; FID cannot."""
+    ref = gaussian(400, 3, seed=9)
+    x = gaussian(40, 3, seed=10)
+    counts = resample_counts(40, 200, torch.Generator().manual_seed(0))
+    estimate = float(fid_resampled(x, ref.mean(0), torch.cov(ref.T), torch.ones(1, 40).long()))
+    low, high = fid_interval(x, ref.mean(0), torch.cov(ref.T), estimate, counts)
+    assert low == 0.0 and high > estimate
 
 
 def test_centred_interval():
@@ -122,7 +145,7 @@ def test_suite_reports_kid_and_intervals_reproducibly():
     again = suite.compute(bootstrap_draws=50, generator=torch.Generator().manual_seed(3))
     other = suite.compute(bootstrap_draws=50, generator=torch.Generator().manual_seed(4))
     assert out == again and out["fid_ci"] != other["fid_ci"]
-    assert out["fid_ci"][0] < out["fid"] < out["fid_ci"][1]
+    assert 0 <= out["fid_ci"][0] < out["fid"] < out["fid_ci"][1]
     assert out["kid_ci"][0] < out["kid"] < out["kid_ci"][1]
     # cached statistics carry no features: FID and its interval, KID says why it is missing
     scorer = FIDScorer(Identity())

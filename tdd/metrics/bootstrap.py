@@ -68,7 +68,9 @@ def fid_resampled(
 def fid_interval(
     generated: Tensor, mean: Tensor, cov: Tensor, estimate: float, counts: Tensor
 ) -> list[float]:
-    return centred_interval(fid_resampled(generated, mean, cov, counts), estimate)
+    """The centred interval of FID, its lower end kept at 0 or above (a distance)."""
+    low, high = centred_interval(fid_resampled(generated, mean, cov, counts), estimate)
+    return [max(low, 0.0), high]
 
 
 def kid_interval(

@@ -33,14 +33,25 @@ def _off_diagonal_sum(features: Tensor, chunk: int = 2048) -> float:
     return total
 
 
+def cross_means(generated: Tensor, reference: Tensor) -> Tensor:
+    """(N,) mean kernel of each generated image with the reference images; for sets of equal
+    size, leaving out the reference image of the same index (the U-statistic's pairs of
+    distinct indices: a generated image and the real image of its own prompt are not
+    independent, and counting them would pull KID below 0)."""
+    k = polynomial_kernel(generated, reference)
+    if len(generated) != len(reference):
+        return k.mean(1)
+    return (k.sum(1) - k.diagonal()) / (len(reference) - 1)
+
+
 def mmd2_unbiased(generated: Tensor, reference: Tensor) -> float:
-    """The unbiased MMD^2 estimate (U-statistic: pairs of distinct images only)."""
+    """The unbiased MMD^2 estimate (pairs of distinct images only; see :func:`cross_means`)."""
     m, n = len(generated), len(reference)
     if min(m, n) < 2:
         raise ValueError(f"KID needs >= 2 images on each side, have {m} and {n}")
     gg = _off_diagonal_sum(generated) / (m * (m - 1))
     rr = _off_diagonal_sum(reference) / (n * (n - 1))
-    return gg + rr - 2 * float(polynomial_kernel(generated, reference).mean())
+    return gg + rr - 2 * float(cross_means(generated, reference).mean())
 
 
 def kid(
@@ -70,6 +81,6 @@ def kid_resampled(generated: Tensor, reference: Tensor, counts: Tensor) -> Tenso
     c = counts.double().to(generated.device)
     k_gg = polynomial_kernel(generated, generated)
     gg = ((c @ k_gg) * c).sum(1) - c @ k_gg.diagonal()
-    gr = c @ polynomial_kernel(generated, reference).mean(1)
+    gr = c @ cross_means(generated, reference)
     rr = _off_diagonal_sum(reference) / (m * (m - 1))
     return gg / (n * (n - 1)) + rr - 2 * gr / n
