@@ -40,8 +40,6 @@ def curve_points(root: str | Path, evaluation: str = "curve") -> list[dict]:
                 evaluation):
             continue
         record = json.loads(path.read_text())
-        if not str(record.get("eval", path.stem)).startswith(evaluation):
-            continue
         if not isinstance(record.get("step"), int):
             raise ValueError(f"{path}: a curve evaluation needs its training 'step'")
         points.append({"arm": record.get("arm", path.parent.parent.name),
