@@ -311,8 +311,8 @@ def _eta(value) -> float | None:
 def summary_table(rows: dict[str, dict]) -> str:
     """A plain-text table of every evaluated setting (what run.py prints at the end); a
     metric that was not computed shows as ``n/a`` with the reason below the table."""
-    columns = ["steps", "guidance_scale", "eta", "nfe", "fid", "fid_teacher", "clip",
-               "aesthetic", "attribute_acc", "sec_per_image"]
+    columns = ["steps", "guidance_scale", "eta", "nfe", "fid", "fid_teacher", "kid", "clip",
+               "aesthetic", "attribute_acc", "sharpness", "sec_per_image"]
     present = [c for c in columns if any(c in row for row in rows.values())]
     notes = {f"{c}: {row[c]}" for row in rows.values() for c in present
              if isinstance(row.get(c), str) and c not in ("steps", "guidance_scale", "eta")}
