@@ -3,9 +3,10 @@ over seeds) with a band of one standard deviation, from the study's curve evalua
 
     python -m tdd.plots experiments/<study> --metric fid --setting 4 --out curves.png
 
-Each ``results/<arm>/seed<k>/<eval>.json`` whose ``eval`` is ``curve`` (or starts with
-``curve``: one file per evaluated step) gives one point: its ``step`` and the metric in the
-row of ``--setting`` (an evaluated setting's name: ``4``, ``4_g1.7``, ``teacher25``).
+Points come from the study's ``results/<arm>/seed<k>/curve_step<N>.json`` evaluations (one
+per step) and from the evaluations a training run made every ``evaluation.every_n_steps``
+(``train.json``'s logged ``val/<metric>@<setting>`` curve); ``--setting`` names an evaluated
+setting (``4``, ``4_g1.7``, ``teacher25``).
 """
 
 from __future__ import annotations
@@ -31,24 +32,40 @@ def pyplot():
 
 
 def curve_points(root: str | Path, evaluation: str = "curve") -> list[dict]:
-    """Every curve evaluation below ``root``, in path order: dicts with ``arm``, ``seed``,
-    ``step`` and ``metrics``."""
-    root = Path(root)
-    points = []
-    for path in sorted(root.rglob("*.json"), key=lambda p: _natural(p.as_posix())):
-        if not re.fullmatch(r"seed\d+", path.parent.name) or not path.stem.startswith(
-                evaluation):
+    """Every learning-curve point below ``root``, in path order: dicts with ``arm``, ``seed``,
+    ``step`` and ``metrics`` (setting -> row). Two sources: the study's evaluation files
+    ``results/<arm>/seed<k>/<evaluation>*.json`` (one step each), and the in-training
+    evaluations a training run logged (``train.json``'s ``curve``: ``val/<metric>@<setting>``
+    -> [step, value] pairs); an evaluation file wins where both have a value."""
+    points: dict[tuple, dict] = {}
+    files = sorted(Path(root).rglob("*.json"), key=lambda p: _natural(p.as_posix()))
+    for path in (p for p in files if re.fullmatch(r"seed\d+", p.parent.name)):
+        if path.stem != "train" and not path.stem.startswith(evaluation):
             continue
         record = json.loads(path.read_text())
+        arm = record.get("arm", path.parent.parent.name)
+        seed = record.get("seed", int(path.parent.name[4:]))
+        if path.stem == "train":
+            for key, pairs in (record.get("curve") or {}).items():
+                match = re.fullmatch(r"val/(.+)@(.+)", key)
+                for step, value in pairs if match else ():
+                    point = _point(points, arm, seed, int(step))
+                    point["metrics"].setdefault(match[2], {})[match[1]] = value
+            continue
         if not isinstance(record.get("step"), int):
             raise ValueError(f"{path}: a curve evaluation needs its training 'step'")
-        points.append({"arm": record.get("arm", path.parent.parent.name),
-                       "seed": record.get("seed", int(path.parent.name[4:])),
-                       "step": record["step"], "metrics": record.get("metrics") or {}})
+        for setting, row in (record.get("metrics") or {}).items():
+            _point(points, arm, seed, record["step"])["metrics"].setdefault(
+                setting, {}).update(row)
     if not points:
         raise FileNotFoundError(f"no curve evaluations (results/<arm>/seed<k>/{evaluation}"
-                                f"*.json) below {root}")
-    return points
+                                f"*.json, or val/ curves in train.json) below {root}")
+    return list(points.values())
+
+
+def _point(points: dict, arm: str, seed: int, step: int) -> dict:
+    return points.setdefault((arm, seed, step), {"arm": arm, "seed": seed, "step": step,
+                                                 "metrics": {}})
 
 
 def _natural(text: str) -> list[tuple[int, int | str]]:

@@ -5,10 +5,11 @@ seeds and a marker where an arm differs from a baseline beyond the interval.
     python -m tdd.tables experiments/<study> --metric fid kid --baseline tdd
     python -m tdd.tables multirun/distill/2026-11-25_12-00-00 --metric fid --plot fid.png
 
-A study folder holds ``results/<arm>/seed<k>/<eval>.json`` (a run's results.json plus its
-``overrides``, ``arm``, ``seed``, ``eval`` and ``step``); a seed folder without the file is
-reported as a run that crashed or has not finished. Plain run and multirun directories are read
-through their ``results.json`` and ``.hydra/overrides.yaml``.
+A study folder (``python -m tdd.study``) holds ``results/<arm>/seed<k>/<eval>_step<N>.json``
+(a run's results.json plus its ``overrides``, ``arm``, ``seed``, ``eval`` and ``step``; the
+highest step is read); a planned seed without the file is reported as failed (its
+``.failed.txt``), crashed or not finished. Plain run and multirun directories are read through
+their ``results.json`` and ``.hydra/overrides.yaml``.
 """
 
 from __future__ import annotations
@@ -46,20 +47,55 @@ def collect(root: str | Path, evaluation: str = "final") -> list[dict]:
             record["overrides"] = _read_overrides(overrides)
         records.append(record)
     seed_dirs = [p for p in root.rglob("seed*") if p.is_dir() and re.fullmatch(r"seed\d+", p.name)]
+    planned = _planned(root, evaluation)
+    evaluated_arms = {f.parent.parent for f in root.rglob(f"seed*/{evaluation}*")}
     for folder in sorted(seed_dirs, key=_path_order):
         base = {"arm": folder.parent.name, "seed": int(folder.name[4:]), "path": str(folder)}
-        file = folder / f"{evaluation}.json"
-        if not file.is_file():
-            records.append(dict(base, missing=f"no {evaluation}.json (crashed or not finished)"))
+        if (base["arm"], base["seed"]) not in planned if planned is not None else (
+                folder.parent not in evaluated_arms):
+            continue  # this evaluation is not planned for the arm (or seed)
+        file, missing = _study_file(folder, evaluation)
+        if file is None:
+            records.append(dict(base, missing=missing))
             continue
         try:
-            records.append(dict(base, **json.loads(file.read_text())))
+            records.append(dict(base, **json.loads(file.read_text()), file=str(file)))
         except json.JSONDecodeError as error:
             records.append(dict(base, missing=f"{file.name} unreadable ({error.msg})"))
     if not records:
         raise FileNotFoundError(f"no results.json, and no results/<arm>/seed<k>/{evaluation}.json,"
                                 f" below {root}")
     return records
+
+
+def _study_file(folder: Path, evaluation: str) -> tuple[Path | None, str | None]:
+    """The seed folder's ``<evaluation>_step<N>.json`` of the highest step (or
+    ``<evaluation>.json``), else why there is none."""
+    files = sorted(folder.glob(f"{evaluation}_step*.json"), key=_path_order)
+    files += [f for f in [folder / f"{evaluation}.json"] if f.is_file()]
+    if files:
+        return files[-1], None
+    failed = sorted(folder.glob(f"{evaluation}*.failed.txt"), key=_path_order)
+    if failed:
+        return None, f"failed (see {failed[-1].name})"
+    return None, f"no {evaluation} result (crashed or not finished)"
+
+
+def _planned(root: Path, evaluation: str) -> set[tuple[str, int]] | None:
+    """(arm, seed) pairs the study file plans ``evaluation`` for; None without a study file
+    (then every arm that has the evaluation for some seed is expected to have it for all)."""
+    from omegaconf import OmegaConf
+
+    path = root / "study.yaml" if (root / "study.yaml").is_file() else root.parent / "study.yaml"
+    if not path.is_file():
+        return None
+    study = OmegaConf.to_container(OmegaConf.load(path))
+    plan = (study.get("evaluations") or {}).get(evaluation)
+    if plan is None:
+        return None
+    arms = plan.get("arms") or list(study.get("arms") or {})
+    seeds = plan.get("seeds") or study.get("seeds") or []
+    return {(arm, int(seed)) for arm in arms for seed in seeds}
 
 
 def _read_overrides(path: Path) -> list[str]:
@@ -140,8 +176,9 @@ def group(records: list[dict]) -> list[Arm]:
     differing = [k for k in keys if len({arm.settings.get(k) for arm in arms_list}) > 1]
     for arm in arms_list:
         arm.label = ", ".join(f"{k}={arm.settings[k]}" for k in differing if k in arm.settings)
-    if len(arms_list) == 1 and arms_list[0].runs[0].get("config"):
-        arms_list[0].label = run_label(arms_list[0].runs[0])
+    configs = [r["config"] for r in arms_list[0].runs if "strategy" in r.get("config", {})]
+    if len(arms_list) == 1:  # nothing differs: name the run by its strategy/guidance/student
+        arms_list[0].label = run_label({"config": configs[0]}) if configs else "-"
     return arms_list
 
 
@@ -292,10 +329,11 @@ def _legend(metric: str, baseline: str | None, marked: bool, notes: set[str]) ->
 
 # -- paired per-image comparisons -------------------------------------------------------------
 def per_image_file(record: dict) -> Path:
-    """A run's per-image scores: ``<eval>.npz`` beside a study's ``<eval>.json``, else the run
+    """A run's per-image scores: the ``.npz`` beside a study's result file, else the run
     directory's ``per_image.npz``."""
-    name = f"{record['eval']}.npz" if "eval" in record else "per_image.npz"
-    return Path(record["path"]) / name
+    if "file" in record:
+        return Path(record["file"]).with_suffix(".npz")
+    return Path(record["path"]) / "per_image.npz"
 
 
 def paired_table(records: list[dict], metric: str, setting: str, baseline: str) -> str:

@@ -1,5 +1,7 @@
 """Learning curves from a study's curve evaluations."""
 
+import json
+
 import numpy as np
 import pytest
 from helpers_study import write_study_run
@@ -14,7 +16,7 @@ def make_curves(study, arms=("lcm", "tdd"), seeds=(0, 1, 2), steps=(100, 200, 30
             for step in steps:
                 fid = 50 - step / 10 + (10 if arm == "lcm" else 0) + seed - 1
                 write_study_run(study, arm, seed, [f"strategy={arm}"], {"fid": fid},
-                                step=step, name=f"curve_step{step}")
+                                step=step, name="curve")
         write_study_run(study, arm, 0, [f"strategy={arm}"], {"fid": 0.0})  # final: not a point
 
 
@@ -35,7 +37,7 @@ def test_curves_are_the_mean_and_spread_over_seeds(tmp_path):
 
 def test_a_missing_seed_narrows_n_not_the_mean(tmp_path):
     make_curves(tmp_path, seeds=(0, 1))
-    (tmp_path / "results" / "tdd" / "seed1" / "curve_step300.json").unlink()
+    (tmp_path / "results" / "tdd" / "seed1" / "curve_step000300.json").unlink()
     result = curves(curve_points(tmp_path), "fid", "4")["tdd"]
     np.testing.assert_array_equal(result["n"], [2, 2, 1])
     assert result["mean"][2] == 19 and result["std"][2] == 0
@@ -60,3 +62,21 @@ def test_unknown_setting_metric_or_no_curves_are_errors(tmp_path):
         curves(points, "fid", "8")
     with pytest.raises(ValueError, match=r"unknown metric 'kid': setting 4 holds fid"):
         curves(points, "kid", "4")
+
+
+def test_in_training_curves_of_train_json_are_points_too(tmp_path):
+    """The runner's train.json keeps the CSV log: val/<metric>@<setting> per logged step."""
+    for arm, offset in {"tdd": 0.0, "lcm": 10.0}.items():
+        for seed in (0, 1):
+            folder = tmp_path / "results" / arm / f"seed{seed}"
+            folder.mkdir(parents=True)
+            curve = {"train/loss": [[1, 0.5], [150, 0.1]],
+                     "val/fid@4": [[150, 40 + offset + seed], [300, 30 + offset + seed]],
+                     "val/clip@4": [[150, 80.0], [300, 81.0]]}
+            (folder / "train.json").write_text(json.dumps(
+                {"arm": arm, "seed": seed, "eval": None, "step": 300, "curve": curve}))
+    result = curves(curve_points(tmp_path), "fid", "4")
+    np.testing.assert_array_equal(result["lcm"]["step"], [150, 300])
+    np.testing.assert_allclose(result["lcm"]["mean"], [50.5, 40.5])
+    np.testing.assert_allclose(result["tdd"]["std"], [0.7071068, 0.7071068])
+    assert curves(curve_points(tmp_path), "clip", "4")["tdd"]["mean"].tolist() == [80, 81]

@@ -123,14 +123,14 @@ def test_a_constant_shift_within_matched_seeds_is_marked(tmp_path):
 
 def test_crashed_runs_and_missing_metrics_are_reported_not_invented(tmp_path):
     make_study(tmp_path)
-    (tmp_path / "results" / "lcm" / "seed2" / "final.json").unlink()  # crashed
-    no_kid = tmp_path / "results" / "tdd" / "seed1" / "final.json"
+    (tmp_path / "results" / "lcm" / "seed2" / "final_step000600.json").unlink()  # crashed
+    no_kid = tmp_path / "results" / "tdd" / "seed1" / "final_step000600.json"
     record = json.loads(no_kid.read_text())
     del record["metrics"]["4"]["kid"]
     no_kid.write_text(json.dumps(record))
     fid = table(collect(tmp_path), "fid", baseline="tdd")
     assert "| lcm | strategy=lcm | 34.505 ± 0.686 (2/3) * |" in fid
-    assert "- lcm seed 2: no final.json (crashed or not finished)" in fid
+    assert "- lcm seed 2: no final result (crashed or not finished)" in fid
     assert "teacher@25: lcm seed 2" not in fid  # one note per crashed run
     kid = table(collect(tmp_path), "kid")
     assert "| tdd | strategy=tdd | 0.02 ± 0.0141 (2/3) |" in kid
@@ -152,7 +152,7 @@ def test_single_runs_show_their_image_intervals_and_compare_by_them(tmp_path):
 def test_regenerating_is_byte_identical_whatever_the_write_order(tmp_path, capsys):
     make_study(tmp_path / "a")
     make_study(tmp_path / "b", seeds=(2, 0, 1))  # other creation order and times
-    for path in (tmp_path / "b").rglob("final.json"):
+    for path in (tmp_path / "b").rglob("final_step*.json"):
         os.utime(path, (1e9, 1e9))
     outputs = []
     for study in ("a", "a", "b"):
@@ -173,7 +173,7 @@ def test_paired_per_image_comparison_flags_a_small_constant_shift(tmp_path, caps
             scores = prompt_effect + shift + rng.normal(0, 0.2, 128)
             folder = write_study_run(tmp_path, arm, seed, [f"strategy={arm}"],
                                      {"clip": float(scores.mean())})
-            write_per_image(folder / "final.npz", prompts, range(128),
+            write_per_image(folder / "final_step000600.npz", prompts, range(128),
                             {"4/clip": torch.tensor(scores)})
     main([str(tmp_path), "--metric", "clip", "--baseline", "tdd", "--paired", "4"])
     text = capsys.readouterr().out
@@ -185,8 +185,29 @@ def test_paired_per_image_comparison_flags_a_small_constant_shift(tmp_path, caps
     with pytest.raises(ValueError, match=r"no per-image '4/sharpness'.*scores: 4/clip"):
         paired_table(records, "sharpness", "4", "tdd")
     # other prompts are not paired: reported, not compared
-    write_per_image(tmp_path / "results" / "lcm" / "seed1" / "final.npz", prompts[::-1],
+    write_per_image(tmp_path / "results" / "lcm" / "seed1" / "final_step000600.npz", prompts[::-1],
                     range(128), {"4/clip": torch.zeros(128)})
     text = paired_table(collect(tmp_path), "clip", "4", "tdd")
     assert "| 128 (1) |" in text
     assert "- seed 1: lcm was evaluated on other prompts or per-image seeds: not paired" in text
+
+
+def test_failed_runs_and_the_study_plan(tmp_path):
+    """A failure file is named; an evaluation planned for some arms and seeds only (the study
+    file) expects exactly those; without the file, arms that never had it are left out."""
+    make_study(tmp_path)
+    failed = tmp_path / "results" / "tdd" / "seed2"
+    (failed / "final_step000600.json").unlink()
+    (failed / "final_step000600.failed.txt").write_text("exit status 1")
+    write_study_run(tmp_path, "tdd", 0, ["strategy=tdd"], {"fid": 3.0}, name="teacher")
+    text = table(collect(tmp_path), "fid")
+    assert "- tdd seed 2: failed (see final_step000600.failed.txt)" in text
+    teacher = table(collect(tmp_path, "teacher"), "fid")  # no study file: arm tdd only
+    assert teacher.splitlines()[2] == "| tdd | - | 3.000 (1/3) | 2.000 (1/3) |"
+    assert "- tdd seed 1: no teacher result (crashed or not finished)" in teacher
+    (tmp_path / "study.yaml").write_text(
+        "seeds: [0, 1, 2]\narms: {tdd: [strategy=tdd], lcm: [strategy=lcm]}\n"
+        "evaluations: {teacher: {steps: [600], arms: [tdd, lcm], seeds: [0]}}\n")
+    teacher = table(collect(tmp_path, "teacher"), "fid")
+    assert "- lcm seed 0: no teacher result (crashed or not finished)" in teacher
+    assert "tdd seed 1" not in teacher  # not planned
