@@ -136,7 +136,7 @@ class Identity(nn.Module):
 
 def test_suite_reports_kid_and_intervals_reproducibly():
     real, fake = gaussian(50, 6, seed=1), gaussian(40, 6, 0.5, seed=2)
-    suite = MetricSuite(fid=FIDScorer(Identity(), kid_subsets=4, kid_subset_size=30))
+    suite = MetricSuite(fid=FIDScorer(Identity(), kid_subsets=4, kid_subset_size=45))
     suite.set_reference("real", real)
     suite.update(fake, [""] * 40)
     plain = suite.compute()
@@ -155,6 +155,12 @@ def test_suite_reports_kid_and_intervals_reproducibly():
     row = cached.compute(bootstrap_draws=20)
     assert row["kid"] == NO_FEATURES and "kid_ci" not in row
     assert row["fid"] == pytest.approx(plain["fid"], rel=1e-6) and len(row["fid_ci"]) == 2
+    # more generated images than one KID subset: no KID interval (its kernel matrix is N x N)
+    small = MetricSuite(fid=FIDScorer(Identity(), kid_subsets=2, kid_subset_size=30))
+    small.set_reference("real", real)
+    small.update(fake, [""] * 40)
+    row = small.compute(bootstrap_draws=20)
+    assert isinstance(row["kid"], float) and "kid_ci" not in row and "fid_ci" in row
 
 
 @pytest.mark.parametrize("subsets, size", [(0, 10), (3, 1), (2.5, 10), (True, 10)])

@@ -204,7 +204,8 @@ class FIDScorer(nn.Module):
         generator: torch.Generator | None = None,
     ) -> dict[str, dict[str, list[float]]]:
         """Bootstrap intervals over the generated images: ``{name: {"fid": [low, high],
-        "kid": [low, high]}}`` around ``estimates[name]`` (one resampling for every score)."""
+        "kid": [low, high]}}`` around ``estimates[name]`` (one resampling for every score).
+        KID's needs all generated images in one subset (at most ``kid_subset_size``)."""
         generated = torch.cat(self._generated)
         counts = resample_counts(len(generated), draws, generator)
         out = {}
@@ -215,8 +216,9 @@ class FIDScorer(nn.Module):
             cov = (metric.real_features_cov_sum.double() - n * torch.outer(mean, mean)) / (n - 1)
             out[name] = {"fid": fid_interval(generated, mean, cov, estimates[name]["fid"],
                                              counts)}
-            features = self._features(name)
-            if features is not None and isinstance(estimates[name].get("kid"), float):
+            features = self._features(name)  # KID: the kernel matrix of all generated images
+            if (features is not None and isinstance(estimates[name].get("kid"), float)
+                    and len(generated) <= self.kid_subset_size):
                 out[name]["kid"] = kid_interval(generated, features, estimates[name]["kid"],
                                                 counts)
         return out
