@@ -62,6 +62,10 @@ def collect(root: str | Path, evaluation: str = "final") -> list[dict]:
             records.append(dict(base, **json.loads(file.read_text()), file=str(file)))
         except json.JSONDecodeError as error:
             records.append(dict(base, missing=f"{file.name} unreadable ({error.msg})"))
+    seen = {(r["arm"], r["seed"]) for r in records if "arm" in r}
+    for arm, seed in sorted((planned or set()) - seen):
+        records.append({"arm": arm, "seed": seed, "path": str(root / "results" / arm),
+                        "missing": f"no {evaluation} result (not run yet)"})
     if not records:
         raise FileNotFoundError(f"no results.json, and no results/<arm>/seed<k>/{evaluation}.json,"
                                 f" below {root}")
@@ -172,12 +176,14 @@ def group(records: list[dict]) -> list[Arm]:
         arm.settings = arm.settings or settings
         arm.runs.append(record)
     arms_list = list(arms.values())
-    keys = sorted({k for arm in arms_list for k in arm.settings})
-    differing = [k for k in keys if len({arm.settings.get(k) for arm in arms_list}) > 1]
+    known = [arm for arm in arms_list if arm.settings]  # an arm with no finished run: unknown
+    keys = sorted({k for arm in known for k in arm.settings})
+    differing = [k for k in keys if len({arm.settings.get(k) for arm in known}) > 1]
     for arm in arms_list:
         arm.label = ", ".join(f"{k}={arm.settings[k]}" for k in differing if k in arm.settings)
+        arm.label = (arm.label or "-") if arm.settings else "(no finished run)"
     configs = [r["config"] for r in arms_list[0].runs if "strategy" in r.get("config", {})]
-    if len(arms_list) == 1:  # nothing differs: name the run by its strategy/guidance/student
+    if len(known) == 1 and len(arms_list) == 1:  # one arm: its strategy/guidance/student
         arms_list[0].label = run_label({"config": configs[0]}) if configs else "-"
     return arms_list
 

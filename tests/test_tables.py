@@ -211,3 +211,10 @@ def test_failed_runs_and_the_study_plan(tmp_path):
     teacher = table(collect(tmp_path, "teacher"), "fid")
     assert "- lcm seed 0: no teacher result (crashed or not finished)" in teacher
     assert "tdd seed 1" not in teacher  # not planned
+    assert "| lcm | (no finished run) | - | - |" in teacher
+    assert "| tdd | - | 3.000 | 2.000 |" in teacher  # nothing to compare with: lcm unknown
+    (tmp_path / "study.yaml").write_text(
+        "seeds: [0, 1, 2]\narms: {tdd: [strategy=tdd], new: [strategy=tcd]}\n"
+        "evaluations: {final: {steps: [600]}}\n")
+    fid = table(collect(tmp_path), "fid")
+    assert "- new seed 2: no final result (not run yet)" in fid  # planned, never started
