@@ -3,6 +3,7 @@ speed against the teacher, peak memory. Prints JSON; ratios are the figures that
 
     python -m tdd.bench --model tiny --batch-size 8 --repeats 5
     python -m tdd.bench memory --help   (peak memory of the published UNets: tdd/bench_memory.py)
+    python -m tdd.bench adversarial     (step time with/without adversarial=hinge)
 """
 
 from __future__ import annotations
@@ -197,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
         from tdd.bench_memory import main as memory_main
 
         return memory_main(argv[1:])
+    if argv[:1] == ["adversarial"]:
+        from tdd.bench_adversarial import main as adversarial_main
+
+        return adversarial_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="tiny, toy, or a diffusers directory")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -37,3 +37,15 @@ def test_benchmark_reports_every_ratio():
         assert row["framework_s"] > 0 and row["floor_s"] > 0 and row["reference_s"] > 0
     assert set(report["sampling_speedup_vs_teacher"]) == {"tdd@4", "tdd@8", "tcd@4"}
     assert report["peak_memory_mb"] > 0 and report["teacher_load_s"] > 0
+
+
+@pytest.mark.slow
+def test_adversarial_benchmark_reports_the_step_time_ratios():
+    from tdd.bench_adversarial import run as run_adversarial
+
+    report = run_adversarial("tiny", batch_size=2, steps=6, device="cpu")
+    assert report["plain_step_s"] > 0 and report["discriminator_step_s"] > 0
+    ratio = (report["discriminator_step_s"] + report["student_step_s"]) / 2
+    assert report["adversarial_over_plain"] == pytest.approx(ratio / report["plain_step_s"])
+    assert report["per_student_update_over_plain"] == pytest.approx(
+        2 * report["adversarial_over_plain"])
