@@ -177,7 +177,8 @@ class Evaluation(L.Callback):
             rows[setting.name] = self._score(module.student.sampling_unet, sampler, setting,
                                              module, output)
         metrics = {f"val/{key}@{name}": value for name, row in rows.items()
-                   for key, value in row.items() if isinstance(value, (int, float))}
+                   for key, value in row.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if hasattr(logger, "log_image"):  # W&B: the sample grids as images

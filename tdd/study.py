@@ -194,6 +194,10 @@ class Study:
         if missing:
             log(f"skip {run.arm}/seed{run.seed}/{run.name}: waiting for {missing}")
             return False
+        if (run.directory / "results.json").is_file():  # finished, not yet collected
+            self.collect(run)
+            run.failure.unlink(missing_ok=True)
+            return True
         if run.checkpoint is not None:
             if not run.checkpoint.is_file():
                 return self._fail(run, [], f"no checkpoint {run.checkpoint}: the training run "
@@ -254,17 +258,23 @@ class Study:
         return False
 
     def run(self, max_runs: int | None = None, arms: list[str] | None = None, log=print,
-            trainings_only: bool = False) -> int:
-        """Run every pending run (or the first ``max_runs``); the number that failed."""
+            trainings_only: bool = False, evaluations: list[str] | None = None) -> int:
+        """Run every pending run (or the first ``max_runs``); the number that failed.
+        ``evaluations``: only these evaluations (and the trainings they need)."""
         unknown = sorted(set(arms or []) - set(self.arms))
         if unknown:
             raise ValueError(f"--arm {unknown}: the study's arms are {list(self.arms)}")
+        unknown = sorted(set(evaluations or []) - set(self.evaluations))
+        if unknown:
+            raise ValueError(f"--evaluation {unknown}: the study's evaluations are "
+                             f"{list(self.evaluations)}")
         failed = started = 0
         for run in self.runs():
             if self.stopped is not None:
                 break
             if run.done or (arms and run.arm not in arms) or (
-                    trainings_only and run.evaluation is not None):
+                    run.evaluation is not None and (trainings_only or (
+                        evaluations and run.evaluation not in evaluations))):
                 continue
             if max_runs is not None and started >= max_runs:
                 break
@@ -293,9 +303,18 @@ def loss_curve(run_dir: Path) -> dict[str, list[list[float]]]:
                 step = row.get("step")
                 for key, value in row.items():
                     if (key.startswith(("train/loss", "val/")) and value not in ("", None)
-                            and step):
+                            and step and _number(value)):
                         curve.setdefault(key, {})[int(step)] = float(value)
     return {key: [[s, v] for s, v in sorted(values.items())] for key, values in curve.items()}
+
+
+def _number(text: str) -> bool:
+    """A logged value that is a number (not a flag such as "False")."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text not in ("True", "False")
 
 
 def _portable(value):
@@ -334,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arm", action="append", default=None, help="only these arms")
     parser.add_argument("--trainings-only", action="store_true",
                         help="train every run first; evaluate on a later call")
+    parser.add_argument("--evaluation", action="append", default=None,
+                        help="only these evaluations (and the trainings they need)")
     args = parser.parse_args(argv)
     study = Study(args.folder, args.runs_dir)
     if args.action == "status":
@@ -342,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, study.stop)
     failed = study.run(args.max_runs, args.arm, log=lambda m: print(m, flush=True),
-                       trainings_only=args.trainings_only)
+                       trainings_only=args.trainings_only, evaluations=args.evaluation)
     print(study.status().splitlines()[-1])
     if study.stopped is not None:
         return 128 + study.stopped

@@ -92,6 +92,14 @@ def test_a_bad_study_file_names_the_key(tmp_path, text, message):
         Study(folder, tmp_path / "runs").runs()
 
 
+def test_arm_and_evaluation_filters_are_checked(tmp_path):
+    study = Study(write_study(tmp_path / "s", STUDY), tmp_path / "runs")
+    with pytest.raises(ValueError, match="the study's arms are"):
+        study.run(arms=["z"])
+    with pytest.raises(ValueError, match=r"the study's evaluations are \['curve', 'final'\]"):
+        study.run(evaluations=["fianl"])
+
+
 def test_no_study_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no study.yaml"):
         Study(tmp_path)
@@ -100,7 +108,8 @@ def test_no_study_file_is_a_clear_error(tmp_path):
 def test_loss_curve_reads_the_csv_log(tmp_path):
     log = tmp_path / "csv" / "version_0" / "metrics.csv"
     log.parent.mkdir(parents=True)
-    log.write_text("epoch,step,train/loss,val/fid@4,lr\n0,0,0.5,,1\n0,1,0.25,,1\n0,1,,30.5,\n")
+    log.write_text("epoch,step,train/loss,val/fid@4,val/teacher@4,lr\n0,0,0.5,,,1\n"
+                   "0,1,0.25,,,1\n0,1,,30.5,False,\n")  # a logged flag is no curve
     assert loss_curve(tmp_path) == {"train/loss": [[0, 0.5], [1, 0.25]], "val/fid@4": [[1, 30.5]]}
 
 
