@@ -152,21 +152,6 @@ def test_data_module_batches_follow_the_contract():
         ShapesDataModule(batch_size=0)
 
 
-def test_a_batch_is_rendered_in_one_call_with_the_pixels_of_one_by_one(monkeypatch):
-    import tdd.data.shapes as shapes
-
-    dm = ShapesDataModule(batch_size=32, seed=5)
-    expected = [render([spec], [seed])[0] * 2 - 1
-                for spec, seed in (training_scene(5, i) for i in range(32))]
-    calls = []
-    monkeypatch.setattr(shapes, "render", lambda *a, **k: calls.append(1) or render(*a, **k))
-    batch = next(iter(dm.train_dataloader()))
-    assert len(calls) == 1  # the whole batch in one render call
-    assert torch.equal(batch["pixel_values"], torch.stack(expected))
-    assert batch["caption"] == [training_scene(5, i)[0].caption for i in range(32)]
-    assert torch.equal(dm.dataset[7]["pixel_values"], expected[7])
-
-
 def test_data_module_resumes_the_stream_where_it_stopped():
     fresh = iter(ShapesDataModule(batch_size=3, seed=1).train_dataloader())
     fourth = [next(fresh) for _ in range(4)][-1]

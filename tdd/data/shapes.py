@@ -241,14 +241,9 @@ class ShapesDataset(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        """A DataLoader batch in one :func:`render` call (the same pixels as one by one)."""
-        specs, seeds = zip(*(training_scene(self.seed, int(i)) for i in indices))
-        images = render(list(specs), list(seeds), self.resolution) * 2 - 1
-        return [{"pixel_values": image, "caption": spec.caption}
-                for image, spec in zip(images, specs)]
+        spec, seed = training_scene(self.seed, index)
+        image = render([spec], [seed], self.resolution)[0]
+        return {"pixel_values": image * 2 - 1, "caption": spec.caption}
 
 
 class HeldOutShapes(Dataset):
