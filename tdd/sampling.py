@@ -181,11 +181,11 @@ def _sample_batch(
     device, dtype = _module_device_dtype(unet)
     generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     conditioning = pipeline.text(prompts)
-    calls = [_cast(conditioning, device, dtype)]
-    if cfg:  # unconditional first; a UNet call each, so no call exceeds the batch size
+    if cfg:  # unconditional first, both halves in one UNet call of twice the batch
         empty = (conditioning.zeros_like() if uncond == "zeros"
                  else pipeline.text([""] * len(prompts)))
-        calls.insert(0, _cast(empty, device, dtype))
+        conditioning = empty.cat(conditioning)
+    kwargs = _cast(conditioning, device, dtype)
     timestep_cond = None
     if unet.config.get("time_cond_proj_dim") is not None:  # w_embed student: w = g - 1
         w = torch.full((len(prompts),), guidance_scale - 1.0)
@@ -198,9 +198,11 @@ def _sample_batch(
     sampler.set_timesteps(scheduler, num_steps, device=device)
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(x, t)
-        out = [unet(x_in, t, timestep_cond=timestep_cond, **kwargs).sample for kwargs in calls]
-        # CFG: eps(empty) + g * (eps(c) - eps(empty))
-        out = out[0] + guidance_scale * (out[1] - out[0]) if cfg else out[0]
+        out = unet(torch.cat([x_in] * 2) if cfg else x_in, t, timestep_cond=timestep_cond,
+                   **kwargs).sample
+        if cfg:  # eps(empty) + g * (eps(c) - eps(empty))
+            uncond_out, cond_out = out.chunk(2)
+            out = uncond_out + guidance_scale * (cond_out - uncond_out)
         x = scheduler.step(out, t, x, generator=generators, **sampler.step_kwargs()).prev_sample
     vae = pipeline.vae
     image = vae.decode(x.to(vae.dtype) / pipeline.scaling_factor).sample
@@ -225,14 +227,16 @@ def generate(
     the noise-schedule config and the resolution (those of the teacher the student came from).
 
     ``guidance_scale`` g: g = 1 is one UNet pass per step; otherwise ordinary CFG against the
-    encoded empty prompt, ``eps(empty) + g * (eps(c) - eps(empty))``, in two UNet calls per
-    step, so that no network call takes more than ``batch_size`` images (nor does the VAE
-    decode, when the teacher's VAE slices). A UNet with a guidance projection
-    (``time_cond_proj_dim``, the w_embed students) instead takes ``w = g - 1`` as
-    ``timestep_cond`` with one pass, as the diffusers pipelines do. (Pipelines skip CFG for
-    g <= 1; here any g != 1 runs it.) ``uncond="zeros"`` takes all-zero text embeddings as the
-    unconditional side instead of the encoded "" (the ``uncond: zeros`` guidance the student
-    was trained with, and what SDXL pipelines do for an empty negative prompt).
+    encoded empty prompt, ``eps(empty) + g * (eps(c) - eps(empty))``, with both halves in one
+    UNet call per step (one call of 2b runs markedly faster than two of b on a CPU); CFG then
+    samples ``batch_size // 2`` prompts at a time, so that no network call takes more than
+    ``batch_size`` images (with ``batch_size=1``, one image in calls of two). A UNet with a
+    guidance projection (``time_cond_proj_dim``, the w_embed students) instead takes
+    ``w = g - 1`` as ``timestep_cond`` with one pass, as the diffusers pipelines do.
+    (Pipelines skip CFG for g <= 1; here any g != 1 runs it.) ``uncond="zeros"`` takes
+    all-zero text embeddings as the unconditional side instead of the encoded "" (the
+    ``uncond: zeros`` guidance the student was trained with, and what SDXL pipelines do for an
+    empty negative prompt).
     """
     if len(prompts) != len(seeds) or not prompts:
         raise ValueError(f"generate: {len(prompts)} prompts and {len(seeds)} seeds; need the "
@@ -241,6 +245,8 @@ def generate(
         raise ValueError(f"generate: batch_size={batch_size} must be >= 1")
     cfg = guidance_scale != 1.0 and unet.config.get("time_cond_proj_dim") is None
     scheduler = sampler.build(pipeline.scheduler_config)
+    if cfg:
+        batch_size = max(batch_size // 2, 1)  # a CFG call holds the batch twice
     batches = range(0, len(prompts), batch_size)
     images = [
         _sample_batch(
