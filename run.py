@@ -44,7 +44,8 @@ def train(cfg: DictConfig) -> dict:
     module = DistillationModule(
         teacher=teacher, student=recipe.student, strategy=recipe.strategy,
         guidance=recipe.guidance, loss_fn=recipe.loss_fn, optimizer=recipe.optimizer,
-        lr_scheduler=recipe.lr_scheduler, seed=cfg.seed, **cfg.module,
+        lr_scheduler=recipe.lr_scheduler, adversarial=recipe.adversarial, seed=cfg.seed,
+        **cfg.module,
     )
     loggers = instantiate_group(cfg.get("logger"))
     for logger in loggers:

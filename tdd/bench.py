@@ -4,14 +4,16 @@ speed against the teacher, peak memory. Prints JSON; ratios are the figures that
     python -m tdd.bench --model tiny --batch-size 8 --repeats 5
     python -m tdd.bench --model toy --batch-size 32 --repeats 3   (the main job's settings)
 
+    python -m tdd.bench memory --help   (peak memory of the published UNets: tdd/bench_memory.py)
+    python -m tdd.bench profile --help  (where the main job's time goes: tdd/profile.py)
+    python -m tdd.bench adversarial     (step time with/without adversarial=hinge)
+
 So that the figures hold still on a shared machine: every strategy's module is built first;
 every timed callable (each strategy's framework, floor and reference step; each sampler) runs
 ``--warmup`` times untimed; then each repeat runs all of them once, round-robin. Every figure
 is reported as min / median / max over the repeats. A ratio is computed per repeat (both sides
 measured back to back) and reported as the median of those, with their min, max and
 ``spread`` = max / min; ``unstable`` lists the ratios whose spread exceeds 1.20.
-    python -m tdd.bench memory --help   (peak memory of the published UNets: tdd/bench_memory.py)
-    python -m tdd.bench profile --help  (where the main job's time goes: tdd/profile.py)
 """
 
 from __future__ import annotations
@@ -332,6 +334,10 @@ def main(argv: list[str] | None = None) -> None:
         from tdd.profile import main as profile_main
 
         return profile_main(argv[1:])
+    if argv[:1] == ["adversarial"]:
+        from tdd.bench_adversarial import main as adversarial_main
+
+        return adversarial_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="tiny, toy, sd15-config (the published "
                         "SD1.5 configurations, random weights) or a diffusers directory")

@@ -111,6 +111,7 @@ class Evaluation(L.Callback):
         self._prompts: list[str] | None = None
         self._rank_zero = RankZeroSection()
         self._fid_note: str | None = None
+        self._final_step: int | None = None
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -122,6 +123,17 @@ class Evaluation(L.Callback):
     def on_train_end(self, trainer, pl_module):
         with self._rank_zero:
             self.results = self.evaluate(trainer, pl_module)
+        self._final_step = trainer.global_step
+
+    def on_fit_end(self, trainer, pl_module):
+        """A run resumed from a checkpoint that already reached ``trainer.max_steps`` trains
+        no step, and Lightning then skips ``on_train_end``: score that checkpoint here. This is
+        how a finished run (or a periodic checkpoint) is evaluated again with other settings:
+        ``python run.py <its recipe> ckpt_path=<file> trainer.max_steps=<its step> ...``."""
+        if self._final_step != trainer.global_step:
+            with self._rank_zero:
+                self.results = self.evaluate(trainer, pl_module)
+            self._final_step = trainer.global_step
 
     # -- the evaluation --------------------------------------------------------------------------
     def evaluate(self, trainer: L.Trainer, module) -> dict:

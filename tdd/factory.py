@@ -24,6 +24,7 @@ class Recipe:
     loss_fn: Any
     optimizer: Any
     lr_scheduler: Any
+    adversarial: Any  # partial: adversarial(unet=...)
 
 
 def _instantiate(cfg: DictConfig, key: str):
@@ -34,11 +35,15 @@ def _instantiate(cfg: DictConfig, key: str):
 
 
 def build_recipe(cfg: DictConfig) -> Recipe:
-    """Instantiate and cross-check the strategy, guidance, student, loss and optimizer."""
-    recipe = Recipe(*(_instantiate(cfg, key) for key in
-                      ("strategy", "guidance", "student", "loss", "optimizer", "lr_scheduler")))
+    """Instantiate and cross-check the strategy, guidance, student, loss, optimizer and
+    adversarial term (absent from the config of a run saved before that option existed)."""
+    keys = ("strategy", "guidance", "student", "loss", "optimizer", "lr_scheduler")
+    adversarial = _instantiate(cfg, "adversarial") if "adversarial" in cfg else None
+    recipe = Recipe(*(_instantiate(cfg, key) for key in keys), adversarial)
     student_cls = getattr(recipe.student, "func", recipe.student)  # a partial of the class
     student_cls.check_guidance_embedding(recipe.guidance.condition_dim)
+    if recipe.adversarial is not None:
+        recipe.adversarial.func.check(**recipe.adversarial.keywords)
     return recipe
 
 

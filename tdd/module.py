@@ -9,6 +9,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 
+from tdd.adversarial import Adversarial, NoAdversarial
 from tdd.distributed import gather_objects, rank_seed
 from tdd.guidance import Guidance, combine
 from tdd.models.conditioning import Conditioning
@@ -24,8 +25,9 @@ class DistillationModule(L.LightningModule):
     """Consistency distillation of ``teacher`` into a student (docs/methods.md section 0).
 
     Random draws, all from ``self.generator`` in this order: source index i, target timestep s,
-    empty-prompt mask, guidance scale w, VAE latent sample, forward noise. Under DDP each rank
-    has its own stream, seeded from (seed, global rank); rank 0's is the single-process one.
+    empty-prompt mask, guidance scale w, VAE latent sample, forward noise (then, with an
+    adversarial term, its own draws). Under DDP each rank has its own stream, seeded from
+    (seed, global rank); rank 0's is the single-process one.
 
     Precision: the frozen networks run in the teacher's dtype, the trainable ones in theirs
     (fp32); latents and conditions are cast where they meet a UNet, and the loss is fp32.
@@ -43,6 +45,7 @@ class DistillationModule(L.LightningModule):
         seed: int = 0,
         loss_buckets: int = 4,
         cache_text: int = 0,
+        adversarial: Callable[..., Adversarial] | None = None,
     ):
         super().__init__()
         self.schedule = NoiseSchedule.from_config(teacher.scheduler_config)
@@ -52,6 +55,7 @@ class DistillationModule(L.LightningModule):
                 f"the teacher scheduler's {self.schedule.num_train_timesteps}"
             )
         self.student = student(unet=teacher.unet, guidance_embedding_dim=guidance.condition_dim)
+        self.adversarial = (adversarial or NoAdversarial)(unet=teacher.unet)
         self.vae, self.text = teacher.vae, teacher.text
         self.teacher = teacher  # the frozen bundle: its VAE, text encoder and noise schedule
         self.text_cache = TextCache(self.text, cache_text) if cache_text else None
@@ -79,9 +83,11 @@ class DistillationModule(L.LightningModule):
         x_t = self.schedule.add_noise(x0, self.randn_like(x0), t)
         # 3. guided teacher (cond + uncond in one call), one DDIM step to t_prev
         x_prev = self.teacher_step(x_t, t, t_prev, cond, w)
-        # 4. student at (x_t, t) with gradient; target at (x_prev, t_prev) without
+        # 4. student at (x_t, t) with gradient (not on discriminator steps); target at
+        #    (x_prev, t_prev) without
         w_cond = self.guidance.student_condition(w.to(self.device))
-        pred = self.predict(self.student.online, x_t, t, cond, w_cond)
+        with self.adversarial.student_grad(self.global_step):
+            pred = self.predict(self.student.online, x_t, t, cond, w_cond)
         with torch.no_grad():
             target = self.predict(self.student.target, x_prev, t_prev, cond, w_cond)
         # 5. both mapped to s; per-sample loss
@@ -89,7 +95,9 @@ class DistillationModule(L.LightningModule):
         target_s = self.strategy.project_target(x_prev, t_prev, *target, s, self.schedule)
         loss = self.loss_fn(pred_s, target_s)
         self.log_loss(loss, t)
-        return loss.mean()
+        # 6. the adversarial term (section 1.2), if any: on discriminator steps its hinge
+        #    loss, on student steps the consistency loss plus the weighted generator loss
+        return self.adversarial.objective(self, loss.mean(), pred_s, target_s, s, cond)
 
     # -- the pieces it calls ---------------------------------------------------------------------
     def encode_prompts(self, captions: list[str], original_size=None, crop_top_left=None
@@ -162,8 +170,10 @@ class DistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Seed this rank's stream now that the rank is known (before a checkpoint restores it)."""
         self.generator.manual_seed(rank_seed(self.seed, self.global_rank))
+        self.adversarial.setup(self.trainer)
 
     def configure_optimizers(self):
+        self.adversarial.configure_optimizer()  # its own, stepped in optimizer_step
         optimizer = self.optimizer_factory(params=list(self.student.trainable_parameters()))
         if self.lr_scheduler_factory is None:
             return optimizer
@@ -173,9 +183,20 @@ class DistillationModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """Step, then move the EMA target: inside the step, so that checkpoint and evaluation
-        callbacks (whose ``on_train_batch_end`` runs before the module's) see the moved EMA."""
+        callbacks (whose ``on_train_batch_end`` runs before the module's) see the moved EMA.
+        On an adversarial term's own steps the student has no gradient: its optimizer does
+        nothing, the EMA stays and the term steps its discriminator instead."""
+        trains_student = self.adversarial.trains_student(self.global_step)
         super().optimizer_step(*args, **kwargs)
-        self.student.update_target()
+        if trains_student:
+            self.student.update_target()
+        else:
+            self.adversarial.step()
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """The lr schedule counts student updates (discriminator steps leave it)."""
+        if self.adversarial.trains_student(self.global_step - 1):  # the step just taken
+            super().lr_scheduler_step(scheduler, metric)
 
     def on_train_start(self) -> None:
         """Apply the configured optimizer settings (lr, betas, ...) over those a resumed
@@ -205,23 +226,31 @@ class DistillationModule(L.LightningModule):
         at = f" (step {step})" if step is not None else ""
         return f"the newest checkpoint is {path}{at}, saved with finite weights"
 
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps: the student's trainable tensors and the adversarial
+        term's (discriminator heads), keyed like ``self.state_dict()``."""
+        state = {f"student.{k}": v for k, v in self.student.trainable_state_dict().items()}
+        return state | {f"adversarial.{k}": v for k, v in self.adversarial.state_dict().items()}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = self.student.trainable_state_dict()
-        checkpoint["state_dict"] = {f"student.{k}": v for k, v in state.items()}
+        checkpoint["state_dict"] = self.trainable_state_dict()
         checkpoint["generator_states"] = gather_objects(self.generator.get_state())  # by rank
         checkpoint["recipe"] = self.recipe()
+        if (optimizer_state := self.adversarial.optimizer_state()) is not None:
+            checkpoint["adversarial_optimizer"] = optimizer_state
 
     def recipe(self) -> dict:
         """What a checkpoint records about the run that wrote it (to explain a mismatch)."""
         return {"student": type(self.student).__name__, "strategy": type(self.strategy).__name__,
                 "guidance": type(self.guidance).__name__,
-                "guidance_embedding_dim": self.guidance.condition_dim}
+                "guidance_embedding_dim": self.guidance.condition_dim,
+                "adversarial": type(self.adversarial).__name__}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        expected = {f"student.{k}": v for k, v in self.student.trainable_state_dict().items()}
-        check_trainable_state(checkpoint["state_dict"], expected,
+        check_trainable_state(checkpoint["state_dict"], self.trainable_state_dict(),
                               checkpoint.get("recipe", {}), self.recipe())
         self.restore_generator(checkpoint)
+        self.adversarial.load_optimizer_state(checkpoint.get("adversarial_optimizer"))
 
     def restore_generator(self, checkpoint: dict) -> None:
         """Continue this rank's saved stream; a checkpoint of another world size starts fresh
@@ -267,6 +296,8 @@ def check_trainable_state(saved: dict, expected: dict, saved_recipe: dict, recip
         likely.append("another student.ema_decay (EMA on or off)")
     if any("cond_proj" in k for k in names + reshaped):
         likely.append("another guidance (w_embed adds a guidance projection)")
+    if any(k.startswith("adversarial.") for k in names + reshaped):
+        likely.append("another adversarial (hinge adds discriminator heads)")
     raise CheckpointMismatch(
         f"the checkpoint does not fit this model: {'; '.join(parts)}. Likely another student "
         f"config: {'; '.join(likely) or 'compare the student settings'}"

@@ -120,3 +120,15 @@ def test_config_model_bench_runs_bf16_with_and_without_checkpointing(monkeypatch
     for row in report["steps"].values():
         assert set(row["steps_per_s"]) == {"framework", "floor", "reference"}
         assert all(v > 0 for v in row["steps_per_s"].values())
+
+
+@pytest.mark.slow
+def test_adversarial_benchmark_reports_the_step_time_ratios():
+    from tdd.bench_adversarial import run as run_adversarial
+
+    report = run_adversarial("tiny", batch_size=2, steps=6, device="cpu")
+    assert report["plain_step_s"] > 0 and report["discriminator_step_s"] > 0
+    ratio = (report["discriminator_step_s"] + report["student_step_s"]) / 2
+    assert report["adversarial_over_plain"] == pytest.approx(ratio / report["plain_step_s"])
+    assert report["per_student_update_over_plain"] == pytest.approx(
+        2 * report["adversarial_over_plain"])

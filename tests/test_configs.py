@@ -162,7 +162,7 @@ def test_multirun_sweeps_every_strategy(tmp_path):
 
 #: Recipe groups the smoke run keeps exactly as the experiment file composes them.
 RECIPE = ("strategy", "guidance", "student", "loss", "optimizer", "lr_scheduler", "sampler",
-          "evaluation", "export", "module")
+          "evaluation", "export", "module", "adversarial")
 
 
 @pytest.mark.slow

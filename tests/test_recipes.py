@@ -17,12 +17,25 @@ from tdd.sampling import DDIMSampler, generate
 # docs/methods.md section 4 (corrected 2026-12-01). w in the LCM form; global batch = per-device
 # batch x devices x accumulation. lcm_full_sd15 is not in that table: diffusers' full-model
 # LCM example (lr 1e-6, the "full-model value" the table mentions; weight decay 0; 12 per GPU).
+# pcm_adv_sd15 is not in it either: the PCM release's adversarial SD1.5 script (2 phases, 10k
+# steps, re-noising window T / 2); tdd_adv_sdxl's student weight decay 0 is its script's.
 RECIPES = {
     "tdd_sdxl": dict(
         model="sdxl", resolution=1024, strategy="TDDTarget", grid=250, guidance="Decoupled",
         w=(3.5, 3.5), empty=0.2, uncond="zeros", student="LoRA", rank=64, alpha=8, lr=1e-6,
         weight_decay=None, per_device=16, devices=8, accumulation=4, global_batch=512,
         steps=100_000, loss="PseudoHuberLoss"),
+    "tdd_adv_sdxl": dict(
+        model="sdxl", resolution=1024, strategy="TDDTarget", grid=250, guidance="Decoupled",
+        w=(3.5, 3.5), empty=0.2, uncond="zeros", student="LoRA", rank=64, alpha=8, lr=2e-6,
+        weight_decay=0.0, per_device=14, devices=8, accumulation=4, global_batch=448,
+        steps=100_000, loss="PseudoHuberLoss", adversarial=dict(weight=0.1, k_min=4, lr=1e-5)),
+    "pcm_adv_sd15": dict(
+        model="sd15", resolution=512, strategy="PCMTarget", grid=50, guidance="CFG",
+        w=(4.0, 5.0), empty=0.0, uncond="empty", student="LoRA", rank=64, alpha=8, lr=5e-6,
+        weight_decay=1e-3, per_device=20, devices=8, accumulation=1, global_batch=160,
+        steps=10_000, loss="PseudoHuberLoss", phases=2,
+        adversarial=dict(weight=0.1, k_min=2, lr=1e-5)),
     "lcm_lora_sd15": dict(
         model="sd15", resolution=512, strategy="LCMTarget", grid=50, guidance="CFG",
         w=(5.0, 15.0), empty=0.0, uncond="empty", student="LoRA", rank=64, alpha=64, lr=1e-4,
@@ -76,6 +89,15 @@ def test_recipe_matches_the_published_table(tmp_path, name):
     assert cfg.trainer.max_steps == spec["steps"]
     assert _class(cfg.loss) == spec["loss"]
     assert cfg.sampler.num_ddim_timesteps == spec["grid"]  # the sampler follows the grid
+    adversarial = spec.get("adversarial")
+    assert _class(cfg.adversarial) == ("HingeAdversarial" if adversarial else "NoAdversarial")
+    if adversarial:  # section 1.2: hinge, weight 0.1, D AdamW betas (0, 0.999), clip 1.0
+        assert (cfg.adversarial.weight, cfg.adversarial.k_min) == (adversarial["weight"],
+                                                                  adversarial["k_min"])
+        d_optimizer = cfg.adversarial.optimizer
+        assert d_optimizer._target_ == "torch.optim.AdamW" and d_optimizer.lr == adversarial["lr"]
+        assert list(d_optimizer.betas) == [0.0, 0.999]
+        assert cfg.adversarial.gradient_clip_val == 1.0
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
