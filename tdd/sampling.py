@@ -228,7 +228,7 @@ def generate(
 
     ``guidance_scale`` g: g = 1 is one UNet pass per step; otherwise ordinary CFG against the
     encoded empty prompt, ``eps(empty) + g * (eps(c) - eps(empty))``, with both halves in one
-    UNet call per step (one call of 2b runs markedly faster than two of b on a CPU); CFG then
+    UNet call per step (fewer, larger calls; experiments/speed has the measurements); CFG then
     samples ``batch_size // 2`` prompts at a time, so that no network call takes more than
     ``batch_size`` images (with ``batch_size=1``, one image in calls of two). A UNet with a
     guidance projection (``time_cond_proj_dim``, the w_embed students) instead takes
