@@ -38,7 +38,7 @@ memory: ## Peak memory of one LoRA step on the SD1.5/SDXL UNet configs (random w
 profile: ## Where the main job's time goes: 30 steps + a 64-image evaluation, scaled (JSON + table)
 	$(PY) -m tdd.bench profile --out outputs/profile.json
 
-toy-assets: ## Rebuild the toy teacher, evaluators and quality record (resumes from .toy-work/)
+toy-assets: ## Rebuild the toy VAE, evaluator, UNet and flow teachers, records (resumes .toy-work/)
 	$(PY) -m tdd.toy.build all --work .toy-work --threads 2
 
 bench: ## Benchmark: step time vs its floor and the scripts' way, sampling speed, memory (JSON)

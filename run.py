@@ -34,7 +34,7 @@ def train(cfg: DictConfig) -> dict:
     """Distill according to ``cfg`` and return the run's results (also saved as results.json)."""
     # Cheap objects first: a bad setting or path fails here, before any model is loaded.
     recipe = build_recipe(cfg)
-    check_paths(cfg)
+    check_paths(cfg, recipe.guidance)
     ckpt_path = resume_target(cfg)  # a resume into a run directory writes there
     evaluation = hydra.utils.instantiate(cfg.evaluation)
     L.seed_everything(cfg.seed, workers=True)

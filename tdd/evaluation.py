@@ -7,15 +7,18 @@ import dataclasses
 import logging
 import math
 import numbers
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+import torch
 from torchvision.utils import save_image
 
 from tdd.distributed import RankZeroSection
-from tdd.metrics.eval_sets import load_evaluation_set
+from tdd.metrics.eval_sets import image_batches, load_evaluation_set
 from tdd.metrics.reference_stats import reference_statistics
 from tdd.metrics.timing import SamplingCost, Stopwatch
 from tdd.sampling import DDIMSampler, Sampler, generate
@@ -24,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: What a FID cell holds when the evaluation set has no reference images.
 NO_REFERENCE = "not computed: no reference images"
+#: At most this many images of ``evaluation.dataset`` are read for the sharpness reference.
+SHARPNESS_REFERENCE_IMAGES = 2000
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,12 @@ class Evaluation(L.Callback):
     over sharding the sampling: FID needs every image in one place (gathering them costs as much
     memory as holding them), results stay identical whatever the number of ranks, and the wait
     holds no GPU collective open, so no NCCL timeout can fire however long scoring takes.
+
+    ``bootstrap_draws`` > 0 adds bootstrap intervals over the generated images to every FID and
+    KID (``fid_ci``, ``kid_ci``, ...), drawn with a generator seeded by ``seed`` (the same
+    resampling for every setting and every run). Each evaluation also writes
+    ``samples/step<k>/per_image.npz`` (the final one also ``per_image.npz`` in the run
+    directory): the per-image scores of every setting (:func:`write_per_image`).
     """
 
     def __init__(
@@ -81,6 +92,7 @@ class Evaluation(L.Callback):
         grid_images: int = 16,
         dataset: str | None = None,
         cache_dir: str | None = "~/.cache/tdd/fid",
+        bootstrap_draws: int = 0,
     ):
         self.sampler, self.metrics = sampler, metrics
         self.steps = _counts(steps, "evaluation.steps", high=sampler.num_ddim_timesteps,
@@ -102,6 +114,8 @@ class Evaluation(L.Callback):
         self.every_n_steps = _integer(every_n_steps, "evaluation.every_n_steps", 0,
                                       "0 = only at the end")
         self.grid_images = _integer(grid_images, "evaluation.grid_images", 1)
+        self.bootstrap_draws = _integer(bootstrap_draws, "evaluation.bootstrap_draws", 0,
+                                        "0 = no intervals")
         # Listed and checked now (before any model loads); images are read at evaluation.
         self.dataset = None if dataset is None else load_evaluation_set(
             dataset, self.num_images, self.seed)
@@ -123,6 +137,7 @@ class Evaluation(L.Callback):
     def on_train_end(self, trainer, pl_module):
         with self._rank_zero:
             self.results = self.evaluate(trainer, pl_module)
+            self._write_final_per_image(trainer)
         self._final_step = trainer.global_step
 
     def on_fit_end(self, trainer, pl_module):
@@ -133,7 +148,14 @@ class Evaluation(L.Callback):
         if self._final_step != trainer.global_step:
             with self._rank_zero:
                 self.results = self.evaluate(trainer, pl_module)
+                self._write_final_per_image(trainer)
             self._final_step = trainer.global_step
+
+    def _write_final_per_image(self, trainer) -> None:
+        """The final evaluation's per-image scores also as ``per_image.npz`` in the run dir."""
+        if self.results.get("per_image"):
+            shutil.copyfile(self.results["per_image"],
+                            Path(trainer.default_root_dir) / "per_image.npz")
 
     # -- the evaluation --------------------------------------------------------------------------
     def evaluate(self, trainer: L.Trainer, module) -> dict:
@@ -142,7 +164,7 @@ class Evaluation(L.Callback):
             return {}  # like Lightning's own checkpointing, fast_dev_run skips evaluation
         self._prepare(trainer.datamodule, module)
         output = Path(trainer.default_root_dir) / "samples" / f"step{trainer.global_step}"
-        rows = {}
+        rows, self._per_image = {}, {}
         with module.student.as_teacher() as teacher_unet:
             for setting in self._teacher_settings(module):
                 rows[setting.name] = self._score(teacher_unet, DDIMSampler(), setting, module,
@@ -162,7 +184,9 @@ class Evaluation(L.Callback):
                 for name, row in rows.items():
                     logger.log_image(key=f"samples/{name}", images=[row["grid"]],
                                      step=trainer.global_step)
-        return {"step": trainer.global_step, "rows": rows}
+        per_image = write_per_image(output / "per_image.npz", self._prompts, self._seeds,
+                                    self._per_image)
+        return {"step": trainer.global_step, "rows": rows, "per_image": str(per_image)}
 
     def _prepare(self, datamodule, module) -> None:
         """Fixed prompts and seeds; real-image and teacher references, computed once."""
@@ -182,7 +206,12 @@ class Evaluation(L.Callback):
         self._seeds = [self.seed + k for k in range(len(self._prompts))]
 
     def _prepare_dataset_reference(self, module) -> None:
-        """Real reference statistics of the dataset's images, from the cache when it has them."""
+        """Real reference statistics of the dataset's images, from the cache when it has them;
+        the sharpness reference from (at most 2000 of) the images themselves."""
+        if self.dataset.has_images and hasattr(self.metrics, "set_scorer_reference"):
+            sample = self.dataset.images[:SHARPNESS_REFERENCE_IMAGES]
+            self.metrics.set_scorer_reference(torch.cat(list(image_batches(
+                sample, module.teacher.resolution, self.batch_size))).to(module.device))
         fid = getattr(self.metrics, "fid", None)
         if fid is None:
             return
@@ -204,8 +233,7 @@ class Evaluation(L.Callback):
     def _teacher_settings(self, module) -> list[Setting]:
         scale = self.teacher_guidance_scale
         if scale is None:
-            guidance = module.guidance
-            scale = 1.0 + (guidance.w_min + guidance.w_max) / 2
+            scale = module.guidance.teacher_scale
         return [Setting(k, scale, teacher=True) for k in self.teacher_steps]
 
     def _score(self, unet, sampler, setting: Setting, module, output: Path) -> dict:
@@ -220,7 +248,10 @@ class Evaluation(L.Callback):
             references = [] if self._fid_note else ["real"]
         self.metrics.reset()
         self.metrics.update(result.images.to(module.device), self._prompts)
-        row = self.metrics.compute(references)
+        row = self.metrics.compute(references, self.bootstrap_draws,
+                                   torch.Generator().manual_seed(self.seed))
+        self._per_image.update({f"{setting.name}/{key}": values
+                                for key, values in self.metrics.per_image().items()})
         if self._fid_note:
             row["fid"] = self._fid_note
         row.update(SamplingCost(result.nfe, watch.seconds, len(result.images)).as_dict())
@@ -231,6 +262,24 @@ class Evaluation(L.Callback):
                    eta=setting.eta if setting.eta is not None else getattr(sampler, "eta", None),
                    teacher=setting.teacher, grid=str(grid))
         return row
+
+
+def write_per_image(path: Path, prompts: Sequence[str], seeds: Sequence[int],
+                    scores: dict) -> Path:
+    """``per_image.npz``: ``prompts`` (str) and ``seeds`` (int64) of the evaluated images, and
+    per evaluated setting and per-image score ``"<setting>/<score>"`` (float32, prompt order):
+    runs evaluated with the same ``evaluation.seed`` compare image by image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {key: values.numpy().astype(np.float32) for key, values in scores.items()}
+    np.savez_compressed(path, prompts=np.array(prompts, dtype=str),
+                        seeds=np.array(seeds, dtype=np.int64), **arrays)
+    return path
+
+
+def read_per_image(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a ``per_image.npz`` (no pickled objects)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
 
 
 def _sequence(values, setting: str) -> list:
@@ -278,8 +327,8 @@ def _eta(value) -> float | None:
 def summary_table(rows: dict[str, dict]) -> str:
     """A plain-text table of every evaluated setting (what run.py prints at the end); a
     metric that was not computed shows as ``n/a`` with the reason below the table."""
-    columns = ["steps", "guidance_scale", "eta", "nfe", "fid", "fid_teacher", "clip",
-               "aesthetic", "attribute_acc", "sec_per_image"]
+    columns = ["steps", "guidance_scale", "eta", "nfe", "fid", "fid_teacher", "kid", "clip",
+               "aesthetic", "attribute_acc", "sharpness", "sec_per_image"]
     present = [c for c in columns if any(c in row for row in rows.values())]
     notes = {f"{c}: {row[c]}" for row in rows.values() for c in present
              if isinstance(row.get(c), str) and c not in ("steps", "guidance_scale", "eta")}

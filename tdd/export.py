@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tdd.sampling import Sampler
+from tdd.sampling import Sampler, build_scheduler
+from tdd.schedule import FLOW_SCHEDULER_CLASSES
 
 ADAPTER = "default"
 WEIGHT_NAMES = {
@@ -69,6 +70,16 @@ def _peft_state(unet: nn.Module) -> dict[str, torch.Tensor]:
 def _save_diffusers(unet: nn.Module, path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
+    from tdd.models.flow import is_transformer, pipeline_class
+
+    if is_transformer(unet):  # keys prefixed ``transformer.``, read by the pipeline's loader
+        pipeline_class(unet).save_lora_weights(
+            path.parent, transformer_lora_layers=_peft_state(unet), weight_name=path.name,
+            safe_serialization=True,
+            transformer_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
+        )
+        return
+
     # PEFT key names (lora_A / lora_B), which load_lora_weights reads natively. diffusers'
     # convert_state_dict_to_diffusers renames only the attention projections, so on the
     # resnet / conv targets of docs/methods.md it writes a mixed file whose attention LoRA the
@@ -84,6 +95,12 @@ def _save_kohya(unet: nn.Module, path: Path) -> None:
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
+    from tdd.models.flow import is_transformer
+
+    if is_transformer(unet):
+        raise ValueError("export fmt='kohya' is the UNet LoRA layout; a flow transformer's LoRA "
+                         "exports as fmt='diffusers' (FluxPipeline / StableDiffusion3Pipeline "
+                         ".load_lora_weights)")
     config = unet.peft_config[ADAPTER]
     if config.rank_pattern or config.alpha_pattern:
         raise ValueError("kohya export supports one rank and alpha for all modules")
@@ -116,6 +133,8 @@ SAMPLING_FILE = "sampling.json"
 def pipeline_call(sampler, scheduler, num_steps: int) -> dict:
     """Keyword arguments for a stock pipeline's ``__call__`` that make it sample ``num_steps``
     steps the way ``tdd.sampling.generate`` does with ``sampler``."""
+    if type(scheduler).__name__ in FLOW_SCHEDULER_CLASSES:  # eta, schedule: in its config
+        return {"num_inference_steps": num_steps}
     call = {"num_inference_steps": num_steps, **sampler.step_kwargs()}
     if type(sampler).set_timesteps is not Sampler.set_timesteps:  # a schedule of its own
         sampler.set_timesteps(scheduler, num_steps)
@@ -133,7 +152,7 @@ def export_sampler(
     """Write ``<directory>/scheduler/scheduler_config.json`` for ``sampler`` and
     ``<directory>/sampling.json`` (scheduler class and the call arguments per step count)."""
     directory = Path(directory)
-    scheduler = sampler.build(scheduler_config)
+    scheduler = build_scheduler(sampler, scheduler_config)
     scheduler.save_pretrained(directory / SCHEDULER_DIR)
     cls = type(scheduler)
     record = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from tdd.guidance import Guidance
+from tdd.models.flow import check_guidance, denoiser_config, is_flow_pipeline
 from tdd.models.teacher import check_teacher_dir
 from tdd.resume import check_run_config, find_resume
 from tdd.strategies import TargetStrategy
@@ -47,11 +49,17 @@ def build_recipe(cfg: DictConfig) -> Recipe:
     return recipe
 
 
-def check_paths(cfg: DictConfig) -> None:
-    """Fail before heavy work when a local model path is missing."""
+def check_paths(cfg: DictConfig, guidance: Guidance | None = None) -> None:
+    """Fail before heavy work when a local model path is missing, or when the teacher's
+    denoiser config (read, not loaded) cannot take ``guidance``."""
     if "path" in cfg.model.keys():  # `in` alone skips a missing (???) value
         path = None if OmegaConf.is_missing(cfg.model, "path") else cfg.model.path
-        check_teacher_dir(path, "model.path")
+        root = check_teacher_dir(path, "model.path")
+        if guidance is not None:
+            check_guidance(denoiser_config(root), guidance, f"model.path={str(path)!r}")
+        if is_flow_pipeline(root) and "sampler" in cfg:  # VP-only sampler options refused now
+            config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+            hydra.utils.instantiate(cfg.sampler).build_flow(config)
 
 
 def resume_target(cfg: DictConfig) -> str | None:

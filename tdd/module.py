@@ -13,11 +13,11 @@ from tdd.adversarial import Adversarial, NoAdversarial
 from tdd.distributed import gather_objects, rank_seed
 from tdd.guidance import Guidance, combine
 from tdd.models.conditioning import Conditioning
+from tdd.models.flow import check_guidance
 from tdd.models.students import Student
 from tdd.models.teacher import Teacher
 from tdd.models.text_cache import TextCache
 from tdd.prediction import ddim_map, to_x0_eps
-from tdd.schedule import NoiseSchedule
 from tdd.strategies import TargetStrategy
 
 
@@ -48,7 +48,8 @@ class DistillationModule(L.LightningModule):
         adversarial: Callable[..., Adversarial] | None = None,
     ):
         super().__init__()
-        self.schedule = NoiseSchedule.from_config(teacher.scheduler_config)
+        self.schedule = teacher.noise_schedule()  # VP or flow: the step below is the same
+        check_guidance(dict(teacher.unet.config), guidance)
         if self.schedule.num_train_timesteps != strategy.grid.num_train_timesteps:
             raise ValueError(
                 f"strategy.num_train_timesteps={strategy.grid.num_train_timesteps} differs from "
@@ -107,15 +108,20 @@ class DistillationModule(L.LightningModule):
         captions = self.guidance.drop_captions(list(captions), self.generator)
         w = self.guidance.sample_w(len(captions), self.generator)
         if self.text_cache is not None and original_size is None and crop_top_left is None:
-            return self.text_cache(captions), w  # no per-image size conditioning to encode
-        return self.text(captions, original_size, crop_top_left), w
+            cond = self.text_cache(captions)  # no per-image size conditioning to encode
+        else:
+            cond = self.text(captions, original_size, crop_top_left)
+        return self.guidance.attach(cond, w), w
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """VAE latent sample times the scaling factor (the teacher's x0)."""
+        """VAE latent sample, shifted (SD3, FLUX) and scaled: the teacher's x0."""
         posterior = self.vae.encode(pixel_values.to(self.device, self.vae.dtype)).latent_dist
         mean, std = posterior.mean.float(), posterior.std.float()
-        return (mean + std * self.randn_like(mean)) * self.teacher.scaling_factor
+        latent = mean + std * self.randn_like(mean)
+        if self.teacher.shift_factor:
+            latent = latent - self.teacher.shift_factor
+        return latent * self.teacher.scaling_factor
 
     @torch.no_grad()
     def teacher_step(self, x_t, t, t_prev, cond: Conditioning, w) -> torch.Tensor:
@@ -131,8 +137,8 @@ class DistillationModule(L.LightningModule):
         return ddim_map(combine(x0_c, x0_u, w), combine(eps_c, eps_u, w), t_prev, self.schedule)
 
     def predict(self, network, x, t, cond: Conditioning, *timestep_cond):
-        """Run ``network`` and convert its output to (x0, eps) at (x, t)."""
-        output = network(x, t, cond, *timestep_cond)
+        """Run ``network`` at the timestep it takes for t and convert its output to (x0, eps)."""
+        output = network(x, self.schedule.model_timestep(t), cond, *timestep_cond)
         alpha, sigma = self.schedule.coefficients(t, x)
         return to_x0_eps(output.to(x.dtype), x, alpha, sigma, self.teacher.prediction_type)
 

@@ -1,12 +1,15 @@
-"""Model outputs to (x0, eps), the DDIM map and re-noising (docs/methods.md sections 0 and 3)."""
+"""Model outputs to (x0, eps), the DDIM map and re-noising (docs/methods.md sections 0, 0.2, 3).
+
+The functions take any schedule with ``coefficients`` (VP or flow): on a flow schedule the DDIM
+map of a velocity prediction is exactly the Euler step ``x_t + (sigma_s - sigma_t) v``."""
 
 from __future__ import annotations
 
 import torch
 
-from tdd.schedule import NoiseSchedule, append_dims
+from tdd.schedule import Schedule
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 
 def to_x0_eps(
@@ -16,7 +19,11 @@ def to_x0_eps(
     sigma: torch.Tensor,
     prediction_type: str = "epsilon",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Convert an epsilon / v / sample prediction at ``x_t = a x0 + s eps`` to (x0, eps)."""
+    """Convert an epsilon / v / sample / flow prediction at ``x_t = a x0 + s eps`` to (x0, eps).
+
+    ``flow_prediction`` is the rectified-flow velocity ``v = eps - x0`` (with ``a = 1 - s``):
+    ``x0 = x_t - s v``, ``eps = x_t + a v``.
+    """
     if prediction_type == "epsilon":
         eps = output
         x0 = (x_t - sigma * eps) / alpha
@@ -26,6 +33,9 @@ def to_x0_eps(
     elif prediction_type == "sample":
         x0 = output
         eps = (x_t - alpha * x0) / sigma
+    elif prediction_type == "flow_prediction":
+        x0 = x_t - sigma * output
+        eps = x_t + alpha * output
     else:
         expected = ", ".join(PREDICTION_TYPES)
         raise ValueError(f"prediction_type={prediction_type!r}; expected one of {expected}")
@@ -33,7 +43,7 @@ def to_x0_eps(
 
 
 def ddim_map(
-    x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor, schedule: NoiseSchedule
+    x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor, schedule: Schedule
 ) -> torch.Tensor:
     """DDIM map to timestep s: ``x_s = a_s * x0 + s_s * eps`` (Song et al. 2021, eq. 12, eta=0)."""
     alpha_s, sigma_s = schedule.coefficients(s, x0)
@@ -44,10 +54,10 @@ def renoise(
     x_s: torch.Tensor,
     s: torch.Tensor,
     t: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     noise: torch.Tensor,
 ) -> torch.Tensor:
-    """Forward-diffuse s -> t >= s: ``sqrt(abar_t/abar_s) x_s + sqrt(1 - abar_t/abar_s) z``."""
-    abar = schedule.alphas_cumprod.to(x_s.device)
-    ratio = append_dims(abar[t.long()] / abar[s.long()], x_s.ndim).to(x_s)
-    return ratio.sqrt() * x_s + (1 - ratio).sqrt() * noise
+    """Forward-diffuse s -> t >= s with fresh noise: ``scale x_s + std z`` (VP:
+    ``sqrt(abar_t/abar_s) x_s + sqrt(1 - abar_t/abar_s) z``; flow: docs/methods.md 0.2)."""
+    scale, std = schedule.transition(s, t, x_s)
+    return scale * x_s + std * noise

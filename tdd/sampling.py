@@ -8,20 +8,33 @@ step's noise, so image k is the same whatever the batch size or the other prompt
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
+from diffusers import (
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    LCMScheduler,
+    TCDScheduler,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from tdd.embedding import guidance_embedding
 from tdd.models.conditioning import Conditioning
+from tdd.models.flow import (
+    is_transformer,
+    pack_latents,
+    packs_latents,
+    run_transformer,
+    unpack_latents,
+)
 from tdd.models.teacher import Teacher
-from tdd.schedule import DistillationGrid, check_eta
-from tdd.schedulers import TDDScheduler
+from tdd.schedule import DistillationGrid, check_eta, is_flow_config
+from tdd.schedulers import TDDFlowScheduler, TDDScheduler
 
 #: Settings every sampler forces on the teacher config: no x0 clipping or thresholding.
 _SAFE = {"clip_sample": False, "thresholding": False}
@@ -38,6 +51,16 @@ class Sampler:
 
     def build(self, scheduler_config: Mapping) -> SchedulerMixin:
         raise NotImplementedError
+
+    def build_flow(self, scheduler_config: Mapping) -> SchedulerMixin:
+        """The same method's sampler for a flow student (docs/methods.md 0.2): by default
+        :class:`TDDFlowScheduler` on the grid with this sampler's eta."""
+        return TDDFlowScheduler.from_config(
+            dict(scheduler_config), tdd_train_step=self.num_ddim_timesteps,
+            eta=getattr(self, "eta", 0.0), **self.flow_options())
+
+    def flow_options(self) -> dict:
+        return {}
 
     def set_timesteps(self, scheduler: SchedulerMixin, num_steps: int, device=None) -> None:
         scheduler.set_timesteps(num_steps, device=device)
@@ -70,6 +93,12 @@ class TDDSampler(Sampler):
             k_min=self.k_min, k_max=self.k_max,
         )
 
+    def flow_options(self):
+        if self.special_jump or self.clip_x0:
+            raise ValueError("sampler.special_jump and sampler.clip_x0 are VP options; a flow "
+                             "student samples the equidistant grid schedule without clipping")
+        return {"k_min": self.k_min, "k_max": self.k_max}
+
     def step_kwargs(self):
         return {"eta": self.eta}
 
@@ -86,6 +115,12 @@ class LCMSampler(Sampler):
             dict(scheduler_config), original_inference_steps=self.num_ddim_timesteps,
             timestep_scaling=self.timestep_scaling, **_SAFE,
         )
+
+    def build_flow(self, scheduler_config):
+        """x0 through the boundary scalings, re-noised with fresh noise (eta = 1)."""
+        return TDDFlowScheduler.from_config(
+            dict(scheduler_config), tdd_train_step=self.num_ddim_timesteps, eta=1.0,
+            boundary_timestep_scaling=self.timestep_scaling)
 
 
 @dataclass(frozen=True)
@@ -131,6 +166,9 @@ class PCMSampler(Sampler):
         steps = self.timesteps(num_steps, scheduler.config.num_train_timesteps)
         scheduler.set_timesteps(timesteps=steps, device=device)
 
+    def flow_options(self):
+        return {"phase_edges": True}
+
     def step_kwargs(self):
         return {"eta": 0.0}
 
@@ -144,6 +182,10 @@ class DDIMSampler(Sampler):
         return DDIMScheduler.from_config(
             dict(scheduler_config), timestep_spacing="trailing", set_alpha_to_one=False, **_SAFE
         )
+
+    def build_flow(self, scheduler_config):
+        """A flow teacher's own sampler: Euler on its shifted sigmas (as SD3's pipeline)."""
+        return FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
 
     def step_kwargs(self):
         return {"eta": 0.0}
@@ -172,6 +214,28 @@ def _cast(conditioning: Conditioning, device, dtype) -> dict:
     return kwargs
 
 
+def build_scheduler(sampler: Sampler, scheduler_config: Mapping) -> SchedulerMixin:
+    """``sampler``'s scheduler for a teacher's config: its flow variant for a flow teacher."""
+    if is_flow_config(scheduler_config):
+        return sampler.build_flow(scheduler_config)
+    return sampler.build(scheduler_config)
+
+
+def step_kwargs(sampler: Sampler, scheduler: SchedulerMixin) -> dict:
+    """The sampler's step arguments that ``scheduler.step`` takes (flow Euler takes no eta)."""
+    accepted = inspect.signature(scheduler.step).parameters
+    return {k: v for k, v in sampler.step_kwargs().items() if k in accepted}
+
+
+def _denoise(unet, x, t, call, timestep_cond, size: int) -> torch.Tensor:
+    """One network call as the stock pipelines make it (FLUX: on packed latents)."""
+    if not is_transformer(unet):
+        return unet(x, t, timestep_cond=timestep_cond, **call).sample
+    if packs_latents(unet):
+        return pack_latents(run_transformer(unet, unpack_latents(x, size, size), t, call))
+    return run_transformer(unet, x, t, call)
+
+
 @torch.no_grad()
 def _sample_batch(
     unet, pipeline: Teacher, sampler: Sampler, scheduler: SchedulerMixin,
@@ -181,31 +245,45 @@ def _sample_batch(
     device, dtype = _module_device_dtype(unet)
     generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     conditioning = pipeline.text(prompts)
-    if cfg:  # unconditional first, both halves in one UNet call of twice the batch
+    if unet.config.get("guidance_embeds"):  # FLUX.1-dev: the scale is a transformer input
+        scale = torch.full((len(prompts),), float(guidance_scale), device=device)
+        conditioning = Conditioning(conditioning.hidden, {**conditioning.added, "guidance": scale})
+    flow = is_transformer(unet)  # a flow transformer takes the Conditioning itself
+    calls = [conditioning if flow else _cast(conditioning, device, dtype)]
+    if cfg:  # unconditional first; a UNet call each, so no call exceeds the batch size
         empty = (conditioning.zeros_like() if uncond == "zeros"
                  else pipeline.text([""] * len(prompts)))
-        conditioning = empty.cat(conditioning)
-    kwargs = _cast(conditioning, device, dtype)
+        calls.insert(0, empty if flow else _cast(empty, device, dtype))
     timestep_cond = None
     if unet.config.get("time_cond_proj_dim") is not None:  # w_embed student: w = g - 1
         w = torch.full((len(prompts),), guidance_scale - 1.0)
         timestep_cond = guidance_embedding(w, unet.config.time_cond_proj_dim).to(device, dtype)
     scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-    shape = (len(prompts), unet.config.in_channels, pipeline.resolution // scale,
-             pipeline.resolution // scale)
-    x = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
-    x = x * scheduler.init_noise_sigma
-    sampler.set_timesteps(scheduler, num_steps, device=device)
+    size = pipeline.resolution // scale
+    channels = pipeline.vae.config.latent_channels if flow else unet.config.in_channels
+    x = randn_tensor((len(prompts), channels, size, size), generator=generators, device=device,
+                     dtype=dtype)
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # flow Euler has none (1)
+    if packs_latents(unet):  # FLUX samples on packed latents, as its pipeline does
+        x = pack_latents(x)
+    if flow:  # flow schedulers carry their schedule in their config; FLUX's mu
+        scheduler.set_timesteps(num_steps, device=device, mu=pipeline.mu)
+    else:
+        sampler.set_timesteps(scheduler, num_steps, device=device)
+    kwargs = step_kwargs(sampler, scheduler)
     for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t)
-        out = unet(torch.cat([x_in] * 2) if cfg else x_in, t, timestep_cond=timestep_cond,
-                   **kwargs).sample
-        if cfg:  # eps(empty) + g * (eps(c) - eps(empty))
-            uncond_out, cond_out = out.chunk(2)
-            out = uncond_out + guidance_scale * (cond_out - uncond_out)
-        x = scheduler.step(out, t, x, generator=generators, **sampler.step_kwargs()).prev_sample
+        x_in = x if flow else scheduler.scale_model_input(x, t)
+        out = [_denoise(unet, x_in, t, call, timestep_cond, size) for call in calls]
+        # CFG: eps(empty) + g * (eps(c) - eps(empty))
+        out = out[0] + guidance_scale * (out[1] - out[0]) if cfg else out[0]
+        x = scheduler.step(out, t, x, generator=generators, **kwargs).prev_sample
+    if packs_latents(unet):
+        x = unpack_latents(x, size, size)
     vae = pipeline.vae
-    image = vae.decode(x.to(vae.dtype) / pipeline.scaling_factor).sample
+    latents = x.to(vae.dtype) / pipeline.scaling_factor
+    if pipeline.shift_factor:  # SD3 / FLUX VAEs
+        latents = latents + pipeline.shift_factor
+    image = vae.decode(latents).sample
     return (image.float() * 0.5 + 0.5).clamp(0, 1).cpu()
 
 
@@ -227,26 +305,24 @@ def generate(
     the noise-schedule config and the resolution (those of the teacher the student came from).
 
     ``guidance_scale`` g: g = 1 is one UNet pass per step; otherwise ordinary CFG against the
-    encoded empty prompt, ``eps(empty) + g * (eps(c) - eps(empty))``, with both halves in one
-    UNet call per step (fewer, larger calls; experiments/speed has the measurements); CFG then
-    samples ``batch_size // 2`` prompts at a time, so that no network call takes more than
-    ``batch_size`` images (with ``batch_size=1``, one image in calls of two). A UNet with a
-    guidance projection (``time_cond_proj_dim``, the w_embed students) instead takes
-    ``w = g - 1`` as ``timestep_cond`` with one pass, as the diffusers pipelines do.
-    (Pipelines skip CFG for g <= 1; here any g != 1 runs it.) ``uncond="zeros"`` takes
-    all-zero text embeddings as the unconditional side instead of the encoded "" (the
-    ``uncond: zeros`` guidance the student was trained with, and what SDXL pipelines do for an
-    empty negative prompt).
+    encoded empty prompt, ``eps(empty) + g * (eps(c) - eps(empty))``, in two UNet calls per
+    step, so that no network call takes more than ``batch_size`` images (nor does the VAE
+    decode, when the teacher's VAE slices). A UNet with a guidance projection
+    (``time_cond_proj_dim``, the w_embed students) instead takes ``w = g - 1`` as
+    ``timestep_cond`` with one pass, as the diffusers pipelines do. (Pipelines skip CFG for
+    g <= 1; here any g != 1 runs it.) ``uncond="zeros"`` takes all-zero text embeddings as the
+    unconditional side instead of the encoded "" (the ``uncond: zeros`` guidance the student
+    was trained with, and what SDXL pipelines do for an empty negative prompt).
     """
     if len(prompts) != len(seeds) or not prompts:
         raise ValueError(f"generate: {len(prompts)} prompts and {len(seeds)} seeds; need the "
                          "same positive number")
     if batch_size < 1:
         raise ValueError(f"generate: batch_size={batch_size} must be >= 1")
-    cfg = guidance_scale != 1.0 and unet.config.get("time_cond_proj_dim") is None
-    scheduler = sampler.build(pipeline.scheduler_config)
-    if cfg:
-        batch_size = max(batch_size // 2, 1)  # a CFG call holds the batch twice
+    embedded = unet.config.get("time_cond_proj_dim") is not None or unet.config.get(
+        "guidance_embeds", False)  # w_embed students and FLUX.1-dev take g as an input
+    cfg = guidance_scale != 1.0 and not embedded
+    scheduler = build_scheduler(sampler, pipeline.scheduler_config)
     batches = range(0, len(prompts), batch_size)
     images = [
         _sample_batch(

@@ -1,8 +1,15 @@
-"""The VP noise schedule, the distillation grid and the timesteps drawn from it
-(docs/methods.md sections 0, 1 and 3)."""
+"""The noise schedules (VP and rectified flow), the distillation grid and the timesteps drawn
+from it (docs/methods.md sections 0, 0.2, 1 and 3).
+
+Both schedule families write ``x_t = a_t * x0 + s_t * eps`` for the integer timestep t (an index
+into the teacher's T training timesteps): VP ``a_t = sqrt(abar[t])``, ``s_t = sqrt(1 - abar[t])``;
+flow ``a_t = 1 - sigma[t]``, ``s_t = sigma[t]``. Everything built on ``coefficients`` (the DDIM
+map, the strategies, the losses) is therefore shared.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,6 +57,9 @@ def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
 class NoiseSchedule:
     """Per-timestep VP coefficients ``a_t = sqrt(abar[t])`` and ``s_t = sqrt(1 - abar[t])``."""
 
+    family = "vp"
+    default_prediction_type = "epsilon"
+
     def __init__(self, alphas_cumprod: torch.Tensor):
         self.alphas_cumprod = alphas_cumprod.to(torch.float64)
         self.num_train_timesteps = len(alphas_cumprod)
@@ -68,6 +78,121 @@ class NoiseSchedule:
         """Forward diffusion ``x_t = a_t * x0 + s_t * noise``."""
         alpha, sigma = self.coefficients(t, x0)
         return alpha * x0 + sigma * noise
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep the network takes at t: the integer t itself for VP UNets."""
+        return t
+
+    def transition(self, s: torch.Tensor, t: torch.Tensor, like: torch.Tensor):
+        """(scale, std) of the forward step s -> t >= s: ``x_t = scale x_s + std z``, with
+        ``scale^2 = abar_t / abar_s`` and ``std^2 = 1 - abar_t / abar_s``."""
+        abar = self.alphas_cumprod.to(like.device)
+        ratio = append_dims(abar[t.long()] / abar[s.long()], like.ndim).to(like)
+        return ratio.sqrt(), (1 - ratio).sqrt()
+
+
+def calculate_shift(image_seq_len: int, config: Mapping[str, Any]) -> float:
+    """FLUX's resolution-dependent shift mu: linear in the image token count between
+    (``base_image_seq_len``, ``base_shift``) and (``max_image_seq_len``, ``max_shift``)."""
+    base_len = config.get("base_image_seq_len", 256)
+    max_len = config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (top - base) / (max_len - base_len)
+    return image_seq_len * slope + base - slope * base_len
+
+
+def shift_sigmas(sigmas: torch.Tensor, config: Mapping[str, Any], mu: float | None = None):
+    """The teacher's sigma shift: ``shift s / (1 + (shift - 1) s)`` (SD3), or with
+    ``use_dynamic_shifting`` the time shift by mu (FLUX): ``e^mu / (e^mu + 1/s - 1)``
+    (``time_shift_type="exponential"``) or ``mu / (mu + 1/s - 1)`` (``"linear"``)."""
+    if not config.get("use_dynamic_shifting", False):
+        shift = float(config.get("shift", 1.0))
+        return shift * sigmas / (1 + (shift - 1) * sigmas)
+    if mu is None:
+        raise ValueError("the teacher's scheduler uses dynamic shifting (use_dynamic_shifting): "
+                         "its sigmas need mu, i.e. the image token count")
+    kind = config.get("time_shift_type", "exponential")
+    if kind == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+    if kind == "linear":
+        return mu / (mu + (1 / sigmas - 1))
+    raise ValueError(f"scheduler config: unsupported time_shift_type={kind!r}")
+
+
+#: FlowMatchEulerDiscreteScheduler options that reshape the sigma table in ways not supported.
+_UNSUPPORTED_FLOW = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                     "use_beta_sigmas", "invert_sigmas", "stochastic_sampling")
+
+
+def flow_sigmas(config: Mapping[str, Any], mu: float | None = None) -> torch.Tensor:
+    """The teacher's training sigmas by timestep index t = 0..T-1 (ascending, float64):
+    ``sigma[t] = shift((t + 1) / T)``, as FlowMatchEulerDiscreteScheduler's table read from
+    the noisy end backwards (docs/methods.md 0.2)."""
+    bad = [key for key in _UNSUPPORTED_FLOW if config.get(key)]
+    if bad:
+        raise ValueError(f"flow scheduler config: {bad} are not supported")
+    num = int(config.get("num_train_timesteps", 1000))
+    base = torch.arange(1, num + 1, dtype=torch.float64) / num
+    return shift_sigmas(base, config, mu)
+
+
+class FlowSchedule:
+    """Rectified flow ``x_t = (1 - sigma[t]) x0 + sigma[t] eps`` on the teacher's sigma table
+    (Liu et al. 2023; Esser et al. 2024, SD3): ``a_t = 1 - sigma[t]``, ``s_t = sigma[t]``."""
+
+    family = "flow"
+    default_prediction_type = "flow_prediction"
+
+    def __init__(self, sigmas: torch.Tensor):
+        self.sigmas = sigmas.to(torch.float64)
+        self.num_train_timesteps = len(sigmas)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], mu: float | None = None) -> FlowSchedule:
+        return cls(flow_sigmas(config, mu))
+
+    def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(a_t, s_t) = (1 - sigma[t], sigma[t]), shaped and typed to broadcast with ``like``."""
+        sigma = self.sigmas.to(t.device)[t.long()]
+        return tuple(append_dims(c, like.ndim).to(like) for c in (1 - sigma, sigma))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Forward process ``x_t = (1 - sigma_t) x0 + sigma_t noise``."""
+        alpha, sigma = self.coefficients(t, x0)
+        return alpha * x0 + sigma * noise
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep a flow transformer takes: ``sigma[t] * T`` (float)."""
+        return self.sigmas.to(t.device)[t.long()] * self.num_train_timesteps
+
+    def transition(self, s: torch.Tensor, t: torch.Tensor, like: torch.Tensor):
+        """(scale, std) of the forward step s -> t >= s: ``scale = a_t / a_s``,
+        ``std^2 = sigma_t^2 - scale^2 sigma_s^2`` (the same marginal x_t as from x0)."""
+        alpha_s, sigma_s = self.coefficients(s, like)
+        alpha_t, sigma_t = self.coefficients(t, like)
+        scale = alpha_t / alpha_s
+        return scale, (sigma_t**2 - (scale * sigma_s) ** 2).clamp(min=0).sqrt()
+
+
+#: Scheduler classes whose config describes a rectified-flow teacher.
+FLOW_SCHEDULER_CLASSES = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
+                          "TDDFlowScheduler")
+
+
+def is_flow_config(config: Mapping[str, Any]) -> bool:
+    """Whether a diffusers scheduler config is a rectified-flow one (by its class name)."""
+    return config.get("_class_name") in FLOW_SCHEDULER_CLASSES
+
+
+Schedule = NoiseSchedule | FlowSchedule
+
+
+def schedule_from_config(config: Mapping[str, Any], mu: float | None = None) -> Schedule:
+    """The noise schedule of a teacher's scheduler config: :class:`FlowSchedule` for the flow
+    schedulers (``mu``: FLUX's resolution shift), else the VP :class:`NoiseSchedule`."""
+    if is_flow_config(config):
+        return FlowSchedule.from_config(config, mu)
+    return NoiseSchedule.from_config(config)
 
 
 class DistillationGrid:

@@ -229,8 +229,11 @@ def test_tables_show_a_metric_that_was_not_computed_as_n_a():
               "student": {"_target_": "tdd.models.students.LoRAStudent"}}
     parti = {"4": {"steps": 4, "guidance_scale": 1.0, "fid": NO_REFERENCE, "clip": 30.0}}
     coco = {"4": {"steps": 4, "guidance_scale": 1.0, "fid": 12.5, "clip": 29.0}}
-    text = table([{"config": config, "metrics": parti}, {"config": config, "metrics": coco}])
-    assert "| tdd/decoupled/lora | n/a |" in text and "| tdd/decoupled/lora | 12.500 |" in text
+    runs = [{"config": dict(config, evaluation={"dataset": "parti.tsv"}), "metrics": parti},
+            {"config": dict(config, evaluation={"dataset": "coco"}), "metrics": coco}]
+    text = table(runs)
+    assert "| evaluation.dataset=parti.tsv | n/a |" in text
+    assert "| evaluation.dataset=coco | 12.500 |" in text
     assert "30.000" in table([{"config": config, "metrics": parti}], "clip")
     with pytest.raises(ValueError, match="no evaluated metric 'fid'"):
         table([{"config": config, "metrics": parti}], "fid")

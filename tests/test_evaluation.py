@@ -4,12 +4,13 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers_wandb import read_history
 from omegaconf import open_dict
 
 from run import train
-from tdd.evaluation import Setting, summary_table
+from tdd.evaluation import Setting, read_per_image, summary_table
 
 
 def test_setting_names():
@@ -82,7 +83,7 @@ def test_every_n_steps_etas_guidance_scales_and_teacher_scale(make_cfg):
                    "evaluation.steps=[2]", "evaluation.teacher_steps=[3]",
                    "evaluation.num_images=4", "evaluation.every_n_steps=2",
                    "evaluation.etas=[null,0.5]", "evaluation.guidance_scales=[1.0,2.0]",
-                   "evaluation.teacher_guidance_scale=3.0")
+                   "evaluation.teacher_guidance_scale=3.0", "evaluation.bootstrap_draws=30")
     with open_dict(cfg):
         cfg.metrics = {"_target_": "helpers_metrics.tiny_suite"}
     rows = train(cfg)["metrics"]
@@ -106,3 +107,21 @@ def test_every_n_steps_etas_guidance_scales_and_teacher_scale(make_cfg):
               if r.get("val/brightness@2_g2_eta0.5")}
     assert logged == {2, 4}
     assert torch.isfinite(torch.tensor(rows["2_eta0.5"]["fid"]))
+
+    # per-image scores: every setting's images in prompt order, the row's mean among them
+    scores = read_per_image(out / "per_image.npz")
+    assert list(scores["prompts"]) == prompts and list(scores["seeds"]) == [cfg.seed + k
+                                                                            for k in range(4)]
+    assert set(scores) == {"prompts", "seeds"} | {f"{n}/brightness" for n in rows}
+    for name, row in rows.items():
+        assert scores[f"{name}/brightness"].dtype == np.float32
+        assert float(scores[f"{name}/brightness"].mean()) == pytest.approx(row["brightness"],
+                                                                           rel=1e-5)
+        low, high = row["fid_ci"]  # bootstrap intervals over the images, around the estimate
+        assert low <= row["fid"] <= high and row["kid_ci"][0] <= row["kid"] <= row["kid_ci"][1]
+    assert "fid_teacher_ci" in rows["2"] and "kid_teacher" in rows["2"]
+    assert scores["teacher3/brightness"] == pytest.approx(images.mean(dim=(1, 2, 3)).numpy(),
+                                                          rel=1e-5)  # image by image
+    step2 = read_per_image(out / "samples" / "step2" / "per_image.npz")
+    assert set(step2) == set(scores)
+    assert not np.array_equal(step2["2/brightness"], scores["2/brightness"])  # trained on

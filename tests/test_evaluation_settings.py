@@ -28,6 +28,8 @@ BAD = [
     ("evaluation.etas=[-0.1]", "evaluation.etas"),
     ("evaluation.every_n_steps=-5", "evaluation.every_n_steps"),
     ("evaluation.grid_images=0", "evaluation.grid_images"),
+    ("evaluation.bootstrap_draws=-1", "evaluation.bootstrap_draws"),
+    ("evaluation.bootstrap_draws=2.5", "evaluation.bootstrap_draws"),
 ]
 
 
@@ -41,8 +43,10 @@ def test_bad_setting_fails_when_evaluation_is_built(make_cfg, override, setting)
 def test_good_settings_build(make_cfg):
     cfg = make_cfg("evaluation.steps=[1,250]", "evaluation.teacher_steps=[]",
                    "evaluation.guidance_scales=[0,1,7.5]", "evaluation.etas=[null,0,1]",
-                   "evaluation.every_n_steps=0", "evaluation.num_images=2")
+                   "evaluation.every_n_steps=0", "evaluation.num_images=2",
+                   "evaluation.bootstrap_draws=0")
     evaluation = hydra.utils.instantiate(cfg.evaluation)
+    assert evaluation.bootstrap_draws == 0
     assert evaluation.steps == [1, 250] and evaluation.teacher_steps == []
     assert evaluation.guidance_scales == [0.0, 1.0, 7.5] and evaluation.etas == [None, 0.0, 1.0]
 

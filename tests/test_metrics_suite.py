@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from helpers_metrics import kernel_distance
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -234,7 +235,7 @@ def test_suite_scores_against_real_and_teacher(tiny_clip_files):
     suite.set_reference("real", real)
     suite.set_reference("teacher", teacher)
     out = suite.score(generated, prompts)
-    assert set(out) == {"fid", "fid_teacher", "clip", "aesthetic"}
+    assert set(out) == {"fid", "fid_teacher", "kid", "kid_teacher", "clip", "aesthetic"}
     tokenizer = open_clip.get_tokenizer("tiny-metrics-clip")
     feats, clip = open_clip_direct(model, generated, prompts, tokenizer)
     real_feats, _ = open_clip_direct(model, real, prompts, tokenizer)
@@ -242,6 +243,8 @@ def test_suite_scores_against_real_and_teacher(tiny_clip_files):
     assert out["fid"] == pytest.approx(frechet_distance(feats, real_feats), rel=1e-3)
     assert out["fid_teacher"] == pytest.approx(frechet_distance(feats, teacher_feats), rel=1e-3)
     assert out["fid_teacher"] > 0 and abs(out["fid"] - out["fid_teacher"]) > 0.1
+    assert out["kid"] == pytest.approx(kernel_distance(feats, real_feats), rel=1e-4)
+    assert out["kid_teacher"] == pytest.approx(kernel_distance(feats, teacher_feats), rel=1e-4)
     assert out["clip"] == pytest.approx(float(clip.mean()), abs=1e-3)
     head = suite.scorers["aesthetic"].head
     aesthetic = head(F.normalize(feats, dim=-1).float()).mean()
@@ -251,7 +254,7 @@ def test_suite_scores_against_real_and_teacher(tiny_clip_files):
     suite.update(generated[5:], prompts[5:])
     streamed = suite.compute()
     assert streamed == pytest.approx(out, rel=1e-5, abs=1e-6)
-    assert set(suite.compute(references=["real"])) == {"fid", "clip", "aesthetic"}
+    assert set(suite.compute(references=["real"])) == {"fid", "kid", "clip", "aesthetic"}
     suite.reset()
     with pytest.raises(ValueError, match="no images scored|>= 2"):
         suite.compute()
@@ -293,13 +296,17 @@ def test_config_none():
 def test_config_real_builds_and_scores(tmp_path, tiny_clip_files, inception_file, monkeypatch):
     no_downloads(monkeypatch)
     settings = real_overrides(tmp_path, tiny_clip_files, inception_file)
-    cfg = compose_metrics("real", [f"metrics.{k}={v}" for k, v in settings.items()])
+    cfg = compose_metrics("real", [f"metrics.{k}={v}" for k, v in settings.items()] + [
+        "metrics.kid_subsets=7", "metrics.kid_subset_size=50", "metrics.sharpness_cutoff=0.4"])
     suite = instantiate(cfg.metrics)
     assert suite.enabled and isinstance(suite.fid.feature, InceptionFeatures)
+    assert (suite.fid.kid_subsets, suite.fid.kid_subset_size) == (7, 50)
+    assert suite.scorers["sharpness"].cutoff == 0.4
     assert suite.scorers["aesthetic"].encoder.model is suite.scorers["clip"].images.model
     assert suite.fid.feature.net.use_antialias is False
     names = ["red", "blue", "green"]  # scoring the 299x299 Inception is left to the FID tests
     images, prompts = squares(names, seed=2), captions(names)
+    suite.set_scorer_reference(squares(names, seed=3))  # sharpness: relative to real images
     scores = {key: scorer(images, prompts) for key, scorer in suite.scorers.items()}
     assert scores["clip"].mean() > 50 and torch.isfinite(scores["aesthetic"]).all()
 
@@ -350,15 +357,17 @@ def toy_evaluator_folder(tmp_path_factory) -> Path:
 
 def test_config_toy_matches_the_toy_evaluator(toy_evaluator_folder, monkeypatch):
     no_downloads(monkeypatch)
-    cfg = compose_metrics("toy", [f"metrics.evaluator={toy_evaluator_folder}"])
+    cfg = compose_metrics("toy", [f"metrics.evaluator={toy_evaluator_folder}",
+                                  "metrics.kid_subsets=3", "metrics.sharpness_cutoff=0.3"])
     suite = instantiate(cfg.metrics)
+    assert suite.fid.kid_subsets == 3 and suite.scorers["sharpness"].cutoff == 0.3
     specs, _ = eval_scenes("val", 16)
     prompts = [spec.caption for spec in specs]
     real = reference_renders("val", 16)
     fake = reference_renders("val", 16, variant=1)
     suite.set_reference("real", real)
     out = suite.score(fake, prompts)
-    assert set(out) == {"fid", "clip", "aesthetic", "attribute_acc"}
+    assert set(out) == {"fid", "kid", "clip", "aesthetic", "attribute_acc", "sharpness"}
     # the same numbers straight from open_clip on the evaluator folder
     model = open_clip.create_model(f"local-dir:{toy_evaluator_folder}").eval()
     tokenizer = open_clip.get_tokenizer(f"local-dir:{toy_evaluator_folder}")
@@ -372,6 +381,20 @@ def test_config_toy_matches_the_toy_evaluator(toy_evaluator_folder, monkeypatch)
     shared = suite.scorers["attribute_acc"].evaluator  # same text cache: no second encoding
     accuracy = shared.attribute_accuracy(fake, specs)["mean"]
     assert out["attribute_acc"] == pytest.approx(accuracy, abs=1e-6)
+
+
+@pytest.mark.parametrize("option", ["toy", "real"])
+@pytest.mark.parametrize("setting", ["kid_subsets=0", "kid_subset_size=1",
+                                     "sharpness_cutoff=1.0"])
+def test_config_bad_kid_or_sharpness_setting_fails_before_loading(
+        tmp_path, option, setting, monkeypatch):
+    """Checked before any file is read: the paths here do not even exist."""
+    missing = {"evaluator": tmp_path / "none"} if option == "toy" else {
+        k: tmp_path / "none" for k in ("fid_weights", "clip_checkpoint", "aesthetic_head")}
+    cfg = compose_metrics(option, [f"metrics.{k}={v}" for k, v in missing.items()]
+                          + [f"metrics.{setting}"])
+    with pytest.raises(InstantiationException, match=rf"metrics\.{setting.split('=')[0]}="):
+        instantiate(cfg.metrics)
 
 
 def test_config_toy_missing_evaluator_names_the_setting(tmp_path):

@@ -77,23 +77,6 @@ def test_nfe_and_unet_calls(tiny, guidance_scale, passes):
     assert torch.allclose(result.images, expected, atol=1e-4)
 
 
-def test_cfg_runs_both_halves_in_one_call_of_at_most_batch_size(tiny):
-    """Guided sampling: one UNet call per step holding the unconditional and conditional
-    halves, batch_size // 2 prompts at a time; the images are those of CFG written out."""
-    teacher, student = tiny
-    counter = CallCounter(student.unet)
-    try:
-        result = generate(student.unet, teacher, LCMSampler(), PROMPTS, SEEDS, 2, 1.7,
-                          batch_size=4)
-    finally:
-        counter.remove()
-    assert counter.batches == [4, 4, 2, 2]  # prompts (0, 1) then (2,), two steps each
-    assert result.nfe == 4
-    expected = reference_sample(student.unet, teacher, PROMPTS, SEEDS, [999, 499], "lcm",
-                                guidance_scale=1.7)
-    assert torch.allclose(result.images, expected, atol=1e-4)
-
-
 def test_cfg_formula_at_zero_scale_is_the_empty_prompt(tiny):
     """g = 0 leaves eps(empty): the same images as the empty prompt sampled without CFG."""
     teacher, student = tiny

@@ -137,7 +137,8 @@ def test_a_study_stopped_mid_way_completes_without_rerunning_finished_runs(tmp_p
     assert main(["run", str(folder), "--runs-dir", str(runs), "--max-runs", "2"]) == 0
     first = folder / "results" / "tcd" / "seed0"
     done = _files(first)
-    assert sorted(done) == ["final_step000006.json", "final_step000006/2.png", "train.json"]
+    assert sorted(done) == ["final_step000006.json", "final_step000006.npz",
+                            "final_step000006/2.png", "train.json"]
     final = json.loads(done["final_step000006.json"])
     assert final["arm"] == "tcd" and final["step"] == 6 and final["eval"] == "final"
     assert "strategy=tcd" in final["overrides"] and final["metrics"]["2"]["fid"] > 0

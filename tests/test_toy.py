@@ -104,6 +104,26 @@ def test_builders_write_the_layout_and_the_record(tiny_build):
     assert all(set(acc) == {*ATTRIBUTES, "mean", "all"} for acc in by_count.values())
 
 
+def test_builders_write_the_flow_teacher_beside(tiny_build):
+    """``all`` ends with the flow stage: an SD3-layout pipeline and its own record."""
+    flow = tiny_build[0] / "toy_flow"
+    for path in ("pipeline/model_index.json", "pipeline/transformer", "pipeline/vae",
+                 "pipeline/text_encoder", "pipeline/text_encoder_2", "pipeline/tokenizer",
+                 "pipeline/tokenizer_2", "pipeline/scheduler", "samples.png", "quality.json"):
+        assert (flow / path).exists(), path
+    index = json.loads((flow / "pipeline/model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert index["text_encoder_3"] == [None, None]
+    teacher = json.loads((flow / "quality.json").read_text())["teacher"]
+    assert teacher["steps"] == 2 and teacher["eval_prompts"] == 8
+    assert teacher["sampler"].startswith("Euler 28 steps")
+    assert str(teacher["guidance_scale"]) in teacher["guidance_search"]
+    assert set(teacher["teacher"]) >= {*ATTRIBUTES, "mean", "all", "clip_score"}
+    assert set(teacher["passed"]) == set(teacher["gates"]) and not any(teacher["passed"].values())
+    assert 0 < teacher["pipeline_megabytes"] < 12 and teacher["vae_shift_factor"] != 0
+    assert teacher["train_cpu_seconds"] > 0 and teacher["measure_seconds"] > 0
+
+
 def test_built_pipeline_loads_as_stable_diffusion(tiny_build):
     from diffusers import StableDiffusionPipeline
 

@@ -64,6 +64,15 @@ class Guidance:
         u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
         return (self.w_min + u * (self.w_max - self.w_min)).float()
 
+    @property
+    def teacher_scale(self) -> float:
+        """The diffusers-form scale the student was distilled towards: ``1 + mean(w)``."""
+        return 1.0 + (self.w_min + self.w_max) / 2
+
+    def attach(self, conditioning, w: torch.Tensor):
+        """The conditioning every network of the step takes (embedded guidance adds w)."""
+        return conditioning
+
     def student_condition(self, w: torch.Tensor) -> torch.Tensor | None:
         """The ``timestep_cond`` the student (and target) take; None unless w is embedded."""
         return None

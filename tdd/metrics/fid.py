@@ -9,9 +9,14 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
+from tdd.metrics.bootstrap import fid_interval, kid_interval, resample_counts
 from tdd.metrics.files import require_file
+from tdd.metrics.kid import check_kid_settings, kid
 
 Images = Tensor | Iterable[Tensor]
+
+#: What a KID cell holds when the reference came as cached statistics (no features).
+NO_FEATURES = "not computed: the reference is cached statistics, without features"
 
 
 def iter_batches(images: Images, batch_size: int) -> Iterator[Tensor]:
@@ -72,13 +77,24 @@ class FIDScorer(nn.Module):
     ``reset`` clears only the generated side, so every sampler setting is scored against the same
     reference features. Generated features are extracted once and shared by all references. The
     statistics and the distance are torchmetrics' (float64, DDP-synchronised on ``compute``).
+
+    The features themselves are kept as well (float32, on the scorer's device) for KID
+    (:mod:`tdd.metrics.kid`, ``kid_subsets`` subsets of ``kid_subset_size``) and the bootstrap
+    intervals (:mod:`tdd.metrics.bootstrap`); a reference given as cached statistics has none.
     """
 
-    def __init__(self, feature: nn.Module, batch_size: int = 64):
+    def __init__(
+        self, feature: nn.Module, batch_size: int = 64, kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+    ):
         super().__init__()
         self.feature = feature.eval()
         self.batch_size = batch_size
+        check_kid_settings(kid_subsets, kid_subset_size)
+        self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.references = nn.ModuleDict()
+        self._reference_features: dict[str, list[Tensor]] = {}
+        self._generated: list[Tensor] = []
 
     @classmethod
     def inception(
@@ -87,9 +103,12 @@ class FIDScorer(nn.Module):
         antialias: bool = False,
         batch_size: int = 64,
         setting: str = "metrics.fid_weights",
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
     ) -> FIDScorer:
         """The literature's FID: InceptionV3 weights from a local file, TF1 resize by default."""
-        return cls(InceptionFeatures(weights_path, antialias, setting), batch_size)
+        return cls(InceptionFeatures(weights_path, antialias, setting), batch_size, kid_subsets,
+                   kid_subset_size)
 
     @property
     def reference_names(self) -> list[str]:
@@ -113,6 +132,7 @@ class FIDScorer(nn.Module):
             )
             self.references[name] = metric.to(feats.device)
         self.references[name].update(feats, real=True)
+        self._reference_features.setdefault(name, []).append(feats.float())
 
     def set_reference_statistics(
         self, mean: Tensor, cov: Tensor, num_samples: int, name: str = "real"
@@ -139,11 +159,13 @@ class FIDScorer(nn.Module):
     def clear_reference(self, name: str) -> None:
         if name in self.references:
             del self.references[name]
+        self._reference_features.pop(name, None)
 
     def reset(self) -> None:
         """Forget generated images; reference statistics stay."""
         for metric in self.references.values():
             metric.reset()
+        self._generated = []
 
     def update(self, images: Images) -> None:
         """Add generated images, compared later against every reference."""
@@ -152,6 +174,7 @@ class FIDScorer(nn.Module):
         feats = self.features(images)
         for metric in self.references.values():
             metric.update(feats, real=False)
+        self._generated.append(feats.float())
 
     def compute(self, names: Sequence[str] | None = None) -> dict[str, float]:
         """FID per reference name for the generated images added since ``reset``."""
@@ -168,6 +191,41 @@ class FIDScorer(nn.Module):
                 )
             out[name] = float(metric.compute())
         return out
+
+    def kid(self, names: Sequence[str], generator: torch.Generator | None = None) -> dict:
+        """KID per reference name (a reason string where the reference has no features)."""
+        generated = torch.cat(self._generated)
+        return {name: kid(generated, features, self.kid_subsets, self.kid_subset_size,
+                          generator) if (features := self._features(name)) is not None
+                else NO_FEATURES for name in names}
+
+    def intervals(
+        self, names: Sequence[str], estimates: dict[str, dict[str, float]], draws: int,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, dict[str, list[float]]]:
+        """Bootstrap intervals over the generated images: ``{name: {"fid": [low, high],
+        "kid": [low, high]}}`` around ``estimates[name]`` (one resampling for every score).
+        KID's needs all generated images in one subset (at most ``kid_subset_size``)."""
+        generated = torch.cat(self._generated)
+        counts = resample_counts(len(generated), draws, generator)
+        out = {}
+        for name in names:
+            metric = self.references[name]
+            n = metric.real_features_num_samples
+            mean = metric.real_features_sum.double() / n
+            cov = (metric.real_features_cov_sum.double() - n * torch.outer(mean, mean)) / (n - 1)
+            out[name] = {"fid": fid_interval(generated, mean, cov, estimates[name]["fid"],
+                                             counts)}
+            features = self._features(name)  # KID: the kernel matrix of all generated images
+            if (features is not None and isinstance(estimates[name].get("kid"), float)
+                    and len(generated) <= self.kid_subset_size):
+                out[name]["kid"] = kid_interval(generated, features, estimates[name]["kid"],
+                                                counts)
+        return out
+
+    def _features(self, name: str) -> Tensor | None:
+        chunks = self._reference_features.get(name)
+        return None if not chunks else torch.cat(chunks)
 
     def score(self, images: Images, reference: str = "real") -> float:
         """FID of ``images`` against one reference (clears earlier generated images)."""

@@ -22,6 +22,8 @@ from tdd.metrics.clip_model import CLIPImageFeatures, load_clip_folder
 from tdd.metrics.clip_score import CLIPScorer
 from tdd.metrics.fid import FIDScorer, module_device
 from tdd.metrics.files import require_file
+from tdd.metrics.kid import check_kid_settings
+from tdd.metrics.sharpness import Sharpness
 from tdd.metrics.suite import MetricSuite
 
 EVALUATOR_DIR = Path(asset_path("toy/evaluator"))
@@ -130,12 +132,17 @@ class AttributeAccuracy(nn.Module):
         return self.evaluator.attribute_hits(images, list(prompts)).float().mean(1)
 
 
-def toy_metrics(evaluator: str | Path, batch_size: int = 256) -> MetricSuite:
-    """FID on the toy CLIP's image features, CLIP score, detail score (key ``aesthetic``) and
-    attribute accuracy, from the evaluator folder."""
+def toy_metrics(
+    evaluator: str | Path, batch_size: int = 256, kid_subsets: int = 100,
+    kid_subset_size: int = 1000, sharpness_cutoff: float = 0.5,
+) -> MetricSuite:
+    """FID and KID on the toy CLIP's image features, CLIP score, detail score (key
+    ``aesthetic``), attribute accuracy and sharpness, from the evaluator folder."""
+    check_kid_settings(kid_subsets, kid_subset_size)  # settings first, then the models
+    sharpness = Sharpness(sharpness_cutoff)
     toy = load_toy_evaluator(evaluator, batch_size)
     return MetricSuite(
-        fid=FIDScorer(toy.features, batch_size),
+        fid=FIDScorer(toy.features, batch_size, kid_subsets, kid_subset_size),
         scorers={"clip": toy.clip, "aesthetic": toy.detail,
-                 "attribute_acc": AttributeAccuracy(toy)},
+                 "attribute_acc": AttributeAccuracy(toy), "sharpness": sharpness},
     )

@@ -1,4 +1,5 @@
-"""Students: a LoRA on the teacher's own UNet, or a fully fine-tuned copy with optional EMA."""
+"""Students: a LoRA on the teacher's own UNet (or flow transformer), or a fully fine-tuned copy
+with optional EMA."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from tdd.export import export_lora
 from tdd.models.ema import ema_update
+from tdd.models.flow import FLOW_LORA_TARGET_MODULES, is_transformer, run_transformer
 
 #: docs/methods.md section 4: the LoRA target modules of every published recipe.
 LORA_TARGET_MODULES = (
@@ -31,7 +33,10 @@ def _cast(value, dtype: torch.dtype):
 
 def run_unet(unet, x, t, conditioning, timestep_cond=None) -> torch.Tensor:
     """``unet``'s output for latents ``x`` at ``t``; latents and conditions are cast to the
-    UNet's dtype (a half-precision frozen teacher meets fp32 latents here)."""
+    UNet's dtype (a half-precision frozen teacher meets fp32 latents here). A flow transformer
+    is called as its stock pipeline calls it (:func:`tdd.models.flow.run_transformer`)."""
+    if is_transformer(unet):
+        return run_transformer(unet, x, t, conditioning)
     kwargs = _cast(conditioning.unet_kwargs(), unet.dtype)
     return unet(x.to(unet.dtype), t, timestep_cond=_cast(timestep_cond, unet.dtype),
                 **kwargs).sample
@@ -107,6 +112,9 @@ class LoRAStudent(Student):
     Only one UNet is in memory. The target network is the online student under no-grad.
     ``init_lora_weights=True`` is PEFT's default (Kaiming-uniform A, zero B), as every released
     script starts; any other PEFT option (e.g. ``"gaussian"``) is passed through.
+    ``target_modules=None``: :data:`LORA_TARGET_MODULES` on a UNet, the attention and
+    feed-forward projections (:data:`tdd.models.flow.FLOW_LORA_TARGET_MODULES`) on a flow
+    transformer.
     """
 
     def __init__(
@@ -114,7 +122,7 @@ class LoRAStudent(Student):
         unet: UNet2DConditionModel,
         rank: int = 64,
         alpha: float = 64,
-        target_modules: tuple[str, ...] | list[str] = LORA_TARGET_MODULES,
+        target_modules: tuple[str, ...] | list[str] | None = None,
         guidance_embedding_dim: int | None = None,
         init_lora_weights: bool | str = True,
         gradient_checkpointing: bool = False,
@@ -124,6 +132,9 @@ class LoRAStudent(Student):
         if rank <= 0 or alpha <= 0:
             raise ValueError(f"student: rank ({rank}) and alpha ({alpha}) must be positive")
         self.rank, self.alpha = rank, alpha
+        if target_modules is None:
+            target_modules = FLOW_LORA_TARGET_MODULES if is_transformer(unet) else \
+                LORA_TARGET_MODULES
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=list(target_modules),
@@ -184,9 +195,13 @@ class FullStudent(Student):
             raise ValueError(f"student.ema_decay={ema_decay} must lie in [0, 1) or be null")
         self.ema_decay = ema_decay
         self.teacher_unet = unet.requires_grad_(False).eval()
-        student = UNet2DConditionModel.from_config(
-            unet.config, time_cond_proj_dim=guidance_embedding_dim
-        ).to(unet.device)
+        if is_transformer(unet):
+            self.check_guidance_embedding_of(unet, guidance_embedding_dim)
+            student = type(unet).from_config(unet.config).to(unet.device)
+        else:
+            student = UNet2DConditionModel.from_config(
+                unet.config, time_cond_proj_dim=guidance_embedding_dim
+            ).to(unet.device)
         student.load_state_dict(unet.state_dict(), strict=False)  # into fp32 parameters
         if guidance_embedding_dim is not None:
             nn.init.zeros_(student.time_embedding.cond_proj.weight)
@@ -214,11 +229,18 @@ class FullStudent(Student):
     def as_teacher(self):
         yield self.teacher_unet
 
+    @staticmethod
+    def check_guidance_embedding_of(model, dim: int | None) -> None:
+        if dim is not None:
+            raise ValueError(f"guidance=w_embed needs a UNet guidance projection "
+                             f"(time_cond_proj_dim); {type(model).__name__} has none")
+
     def export(self, directory, fmt: str = "diffusers"):
-        """The student UNet (EMA when present) as a diffusers ``unet/`` folder."""
+        """The student UNet (EMA when present) as a diffusers ``unet/`` folder (a flow
+        transformer: ``transformer/``)."""
         if fmt != "diffusers":
             raise ValueError(f"student=full exports fmt='diffusers' only, not {fmt!r}")
-        path = Path(directory) / "unet"
+        path = Path(directory) / ("transformer" if is_transformer(self.unet) else "unet")
         self.sampling_unet.save_pretrained(path)
         return path
 

@@ -1,8 +1,9 @@
-"""``python -m tdd.toy.build {vae,evaluator,teacher,all}``: rebuild the shipped toy assets.
+"""``python -m tdd.toy.build {vae,evaluator,teacher,flow,all}``: rebuild the shipped toy assets.
 
 Each builder resumes from its state under ``--work``, writes its files under ``--out``
 (default ``tdd/assets/toy``) and its measured quality into ``quality.json`` there.
-The order for ``all`` is vae -> evaluator (uses the VAE for robustness) -> teacher.
+The order for ``all`` is vae -> evaluator (uses the VAE for robustness) -> teacher -> flow
+(the rectified-flow teacher, written beside ``--out`` into ``toy_flow``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from tdd.toy.common import ASSETS, BuildSettings
 
-STAGES = ("vae", "evaluator", "teacher")
+STAGES = ("vae", "evaluator", "teacher", "flow")
 
 
 def run_stage(stage: str, settings: BuildSettings) -> None:
@@ -27,6 +28,9 @@ def run_stage(stage: str, settings: BuildSettings) -> None:
     elif stage == "teacher":
         from tdd.toy.build_teacher import build_teacher
         build_teacher(settings)
+    elif stage == "flow":
+        from tdd.toy.build_flow_teacher import build_flow_teacher
+        build_flow_teacher(settings)
     else:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES} or 'all'")
 

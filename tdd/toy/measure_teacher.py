@@ -60,11 +60,13 @@ def by_object_count(evaluator: ToyEvaluator, images, specs) -> dict:
     return out
 
 
-def sample_grid(pipe, guidance: float, path, n: int = 32, columns: int = 8) -> list[str]:
-    """Rows of real renders, each followed by teacher samples for the same prompts."""
+def sample_grid(pipe, guidance: float, path, n: int = 32, columns: int = 8,
+                sampler=None) -> list[str]:
+    """Rows of real renders, each followed by teacher samples (``sampler``, default
+    :func:`sample`) for the same prompts."""
     specs, _ = eval_scenes("val", n)
     captions = [s.caption for s in specs]
-    real, fake = reference_renders("val", n), sample(pipe, captions, guidance)
+    real, fake = reference_renders("val", n), (sampler or sample)(pipe, captions, guidance)
     rows = []
     for i in range(0, n, columns):
         rows += [real[i:i + columns], fake[i:i + columns]]
