@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint run sweep bench memory toy-assets clean
+.PHONY: help install test test-full lint run sweep bench memory profile toy-assets clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ sweep: ## All four strategies as a Hydra multirun
 
 memory: ## Peak memory of one LoRA step on the SD1.5/SDXL UNet configs (random weights, JSON)
 	$(PY) -m tdd.bench memory
+
+profile: ## Where the main job's time goes: 30 steps + a 64-image evaluation, scaled (JSON + table)
+	$(PY) -m tdd.bench profile --out outputs/profile.json
 
 toy-assets: ## Rebuild the toy VAE, evaluator, UNet and flow teachers, records (resumes .toy-work/)
 	$(PY) -m tdd.toy.build all --work .toy-work --threads 2
