@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+#: The configs of the source checkout (as the benchmark reads them).
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
 #: (module, attribute path, row) of every timed piece; "eval/" rows are timed in evaluation.
 PIECES = (
     ("torch.utils.data.dataloader", "_BaseDataLoaderIter.__next__", "train/data"),
@@ -159,7 +162,6 @@ def profile(overrides: list[str], steps: int, images: int, output_dir: str | Pat
     from omegaconf import open_dict
 
     import tdd.config  # noqa: F401  (the ${asset:...} resolver)
-    from tdd.bench import CONF_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
