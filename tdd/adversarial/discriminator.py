@@ -1,5 +1,6 @@
 """The discriminator of the adversarial term (docs/methods.md section 1.2): the frozen teacher
-UNet as feature extractor, small trainable heads on its down-block and mid-block outputs."""
+network as feature extractor, small trainable heads on its features: a UNet's down-block and
+mid-block outputs, or a flow transformer's image tokens after blocks of its first half."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from torch import nn
 from torch.func import functional_call
 
 from tdd.models.conditioning import Conditioning
+from tdd.models.flow import is_transformer, run_transformer
+
+#: At most this many feature maps are taken from a flow transformer's first half of blocks.
+MAX_TRANSFORMER_FEATURES = 4
 
 
 def _cast(value, dtype: torch.dtype):
@@ -20,22 +25,36 @@ def _cast(value, dtype: torch.dtype):
     return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
 
 
-def check_unet(unet: nn.Module) -> UNet2DConditionModel:
-    """The teacher must be a diffusers UNet: the features are its down and mid blocks."""
-    if not isinstance(unet, UNet2DConditionModel):
+def check_unet(unet: nn.Module) -> nn.Module:
+    """The teacher must be a diffusers UNet (features: its down and mid blocks) or a flow
+    transformer, SD3 or FLUX (features: its image tokens after joint blocks)."""
+    if not (isinstance(unet, UNet2DConditionModel) or is_transformer(unet)):
         raise ValueError(f"adversarial=hinge reads the down and mid blocks of a "
-                         f"UNet2DConditionModel teacher; {type(unet).__name__} has none")
+                         f"UNet2DConditionModel teacher or the joint blocks of an SD3/FLUX "
+                         f"transformer; {type(unet).__name__} has neither")
     return unet
 
 
-def feature_channels(unet: UNet2DConditionModel) -> list[int]:
-    """Channels of each feature map :func:`unet_features` returns."""
+def feature_blocks(transformer: nn.Module) -> list[int]:
+    """Indices of the joint (two-stream) blocks whose image tokens are features: up to
+    :data:`MAX_TRANSFORMER_FEATURES` evenly spaced over the first half of the blocks, the
+    counterpart of a UNet's down and mid blocks; the later blocks are not run."""
+    half = max(1, len(transformer.transformer_blocks) // 2)
+    count = min(MAX_TRANSFORMER_FEATURES, half)
+    return [round((i + 1) * half / count) - 1 for i in range(count)]
+
+
+def feature_channels(unet: nn.Module) -> list[int]:
+    """Channels of each feature map :func:`unet_features` or :func:`transformer_features`
+    returns."""
+    if is_transformer(unet):
+        return [unet.inner_dim] * len(feature_blocks(unet))
     channels = list(unet.config.block_out_channels)
     return channels + ([channels[-1]] if unet.mid_block is not None else [])
 
 
 @contextmanager
-def without_checkpointing(unet: UNet2DConditionModel):
+def without_checkpointing(unet: nn.Module):
     """Gradient checkpointing off for a forward whose backward runs later under another adapter
     state (a LoRA student's UNet recomputed with its adapters on would give wrong gradients)."""
     active = unet.is_gradient_checkpointing
@@ -78,6 +97,42 @@ def unet_features(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
     return features
 
 
+class _FeaturesTaken(Exception):
+    """Ends a transformer's forward once its last feature block has run."""
+
+
+def transformer_features(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                         conditioning: Conditioning) -> list[torch.Tensor]:
+    """The image-stream tokens after each of :func:`feature_blocks` of an SD3 or FLUX
+    transformer at ``(x, t)`` (``t`` the model timestep), in the stock pipeline's call; the
+    tokens (B, L, C) are laid back on their patch grid as (B, C, h/p, w/p) maps. The blocks
+    after the last feature block are not run."""
+    blocks, caught = feature_blocks(transformer), []
+
+    def keep(module, args, output):
+        caught.append(output[1])  # joint blocks return (text tokens, image tokens)
+        if len(caught) == len(blocks):
+            raise _FeaturesTaken
+
+    handles = [transformer.transformer_blocks[i].register_forward_hook(keep) for i in blocks]
+    try:
+        run_transformer(transformer, x, t, conditioning)
+    except _FeaturesTaken:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [token_maps(tokens, *x.shape[-2:]) for tokens in caught]
+
+
+def token_maps(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Image tokens (B, L, C) of ``height`` x ``width`` latents back on their patch grid,
+    (B, C, height / p, width / p): SD3's patch embedding and FLUX's 2x2 packing both order the
+    patches row by row."""
+    patch = round(math.sqrt(height * width / tokens.shape[1]))
+    return tokens.transpose(1, 2).reshape(len(tokens), -1, height // patch, width // patch)
+
+
 class DiscriminatorHead(nn.Module):
     """conv -> GroupNorm -> LeakyReLU, twice with a residual around the second, then a conv to
     one channel: a logit per feature-map position."""
@@ -100,8 +155,9 @@ class DiscriminatorHead(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """One trainable head per feature map of the teacher UNet. The UNet is not a submodule: it
-    is passed at call time (for a LoRA student, the student's own UNet with adapters off)."""
+    """One trainable head per feature map of the teacher network (UNet or flow transformer).
+    The network is not a submodule: it is passed at call time (for a LoRA student, the
+    student's own network with adapters off)."""
 
     def __init__(self, unet: nn.Module, kernel_size: int = 1, norm_groups: int = 32):
         super().__init__()
@@ -109,11 +165,13 @@ class Discriminator(nn.Module):
         self.heads = nn.ModuleList(
             DiscriminatorHead(c, kernel_size, norm_groups) for c in channels)
 
-    def features(self, unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
+    def features(self, unet: nn.Module, x: torch.Tensor, t: torch.Tensor,
                  conditioning: Conditioning) -> list[torch.Tensor]:
-        """The UNet's feature maps for latents ``x`` at noisy timesteps ``t``."""
+        """The network's feature maps for latents ``x`` at the model timesteps ``t`` of the
+        noisy timesteps."""
+        extract = transformer_features if is_transformer(unet) else unet_features
         with without_checkpointing(unet):
-            return unet_features(unet, x, t, conditioning)
+            return extract(unet, x, t, conditioning)
 
     def logits(self, features: list[torch.Tensor], frozen_heads: bool = False
                ) -> list[torch.Tensor]:

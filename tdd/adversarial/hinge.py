@@ -38,7 +38,8 @@ def noisy_timestep(s: torch.Tensor, num_train_timesteps: int, k_min: int,
 
 
 class HingeAdversarial(Adversarial):
-    """``adversarial=hinge``: a discriminator on the frozen teacher's features, trained with
+    """``adversarial=hinge``: a discriminator on the frozen teacher's features (UNet or flow
+    transformer), trained with
     hinge losses on even steps; on odd steps the student gets ``weight`` times the generator
     hinge loss on top of the consistency loss (the alternation of the TDD release).
 
@@ -94,12 +95,14 @@ class HingeAdversarial(Adversarial):
         u = u.to(s.device)
         real = renoise(target_s.detach(), s, u, schedule, module.randn_like(target_s))
         fake = renoise(pred_s, s, u, schedule, module.randn_like(pred_s))
+        at = schedule.model_timestep(u)  # u itself on VP UNets, sigma[u] * T on flow ones
         with module.student.as_teacher() as unet:  # a LoRA student: adapters off
             if self.trains_student(module.global_step):
-                return consistency + self.generator_loss(module, unet, fake, u, conditioning)
-            return self.discriminator_loss(module, unet, real, fake.detach(), u, conditioning)
+                return consistency + self.generator_loss(module, unet, fake, at, conditioning)
+            return self.discriminator_loss(module, unet, real, fake.detach(), at, conditioning)
 
     def discriminator_loss(self, module, unet, real, fake, u, conditioning) -> torch.Tensor:
+        """``u``: the model timestep of the noisy timestep (both branches are there)."""
         with torch.no_grad():  # the features are frozen: gradient reaches the heads only
             features = self.discriminator.features(unet, torch.cat([real, fake]), u.repeat(2),
                                                    conditioning.cat(conditioning))
