@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -69,6 +70,9 @@ class Evaluation(L.Callback):
     memory as holding them), results stay identical whatever the number of ranks, and the wait
     holds no GPU collective open, so no NCCL timeout can fire however long scoring takes.
 
+    Sampling runs at the trainer's precision (``trainer.precision=bf16-mixed``: under bf16
+    autocast, as its training steps run); the decoded images and every score are fp32.
+
     ``bootstrap_draws`` > 0 adds bootstrap intervals over the generated images to every FID and
     KID (``fid_ci``, ``kid_ci``, ...), drawn with a generator seeded by ``seed`` (the same
     resampling for every setting and every run). Each evaluation also writes
@@ -126,6 +130,7 @@ class Evaluation(L.Callback):
         self._rank_zero = RankZeroSection()
         self._fid_note: str | None = None
         self._final_step: int | None = None
+        self._precision = contextlib.nullcontext
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -163,6 +168,8 @@ class Evaluation(L.Callback):
                 or not getattr(self.metrics, "enabled", True)):
             return {}  # like Lightning's own checkpointing, fast_dev_run skips evaluation
         self._prepare(trainer.datamodule, module)
+        # sampling at the training precision (bf16-mixed: under autocast); scoring in fp32
+        self._precision = trainer.strategy.precision_plugin.forward_context
         output = Path(trainer.default_root_dir) / "samples" / f"step{trainer.global_step}"
         rows, self._per_image = {}, {}
         with module.student.as_teacher() as teacher_unet:
@@ -238,7 +245,7 @@ class Evaluation(L.Callback):
         return [Setting(k, scale, teacher=True) for k in self.teacher_steps]
 
     def _score(self, unet, sampler, setting: Setting, module, output: Path) -> dict:
-        with Stopwatch(module.device) as watch:
+        with Stopwatch(module.device) as watch, self._precision():
             result = generate(unet, module.teacher, sampler, self._prompts, self._seeds,
                               setting.steps, setting.guidance_scale, self.batch_size,
                               progress=True, uncond=module.guidance.uncond)

@@ -125,3 +125,30 @@ def test_every_n_steps_etas_guidance_scales_and_teacher_scale(make_cfg):
     step2 = read_per_image(out / "samples" / "step2" / "per_image.npz")
     assert set(step2) == set(scores)
     assert not np.array_equal(step2["2/brightness"], scores["2/brightness"])  # trained on
+
+
+@pytest.mark.parametrize("precision, autocast", [("32-true", False), ("bf16-mixed", True)])
+def test_sampling_runs_at_the_training_precision(make_cfg, monkeypatch, precision, autocast):
+    """bf16-mixed samples under bf16 autocast like its training step; the scores stay fp32."""
+    import torch
+
+    import tdd.evaluation
+
+    seen = []
+    generate = tdd.evaluation.generate
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and
+                    torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(tdd.evaluation, "generate", recording)
+    cfg = make_cfg("trainer=cpu", "trainer.max_steps=1", f"trainer.precision={precision}",
+                   "data.batch_size=2", "callbacks=none", "evaluation.steps=[2]",
+                   "evaluation.teacher_steps=[2]", "evaluation.guidance_scales=[1.0]",
+                   "evaluation.num_images=4", "export.enabled=false")
+    with open_dict(cfg):
+        cfg.metrics = {"_target_": "helpers_metrics.tiny_suite"}
+    rows = train(cfg)["metrics"]
+    assert seen == [autocast, autocast]  # the teacher's row and the student's
+    assert all(isinstance(row["fid"], float) and np.isfinite(row["fid"]) for row in rows.values())
