@@ -30,6 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tdd.boundary import lcm_scalings
 from tdd.prediction import ddim_map, renoise, to_x0_eps
 from tdd.schedule import DistillationGrid, FlowSchedule, check_eta, flow_sigmas
+from tdd.schedulers.bookkeeping import StepBookkeeping
 from tdd.schedulers.tdd_scheduler import gamma_target
 
 Generators = torch.Generator | list[torch.Generator] | None
@@ -44,7 +45,7 @@ class TDDFlowSchedulerOutput(BaseOutput):
     denoised: torch.Tensor
 
 
-class TDDFlowScheduler(SchedulerMixin, ConfigMixin):
+class TDDFlowScheduler(StepBookkeeping, SchedulerMixin, ConfigMixin):
     """Gamma sampler on the distillation grid of a flow student (TDD, TCD, PCM, LCM on flow).
 
     Config: the teacher's flow schedule (``num_train_timesteps, shift, use_dynamic_shifting,
@@ -84,8 +85,6 @@ class TDDFlowScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self.flow: FlowSchedule | None = None
         self.indices = self.timesteps = self.sigmas = None
-        self._step_index: int | None = None
-        self._begin_index: int | None = None
 
     # --- timesteps ------------------------------------------------------------------------
     def schedule(self, num_inference_steps: int) -> torch.Tensor:
@@ -133,38 +132,12 @@ class TDDFlowScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = (sigma * self.config.num_train_timesteps).to(device)
         self.sigmas = torch.cat([sigma, torch.zeros(1)]).to(device)
         self.num_inference_steps = len(indices)
-        self._step_index = self._begin_index = None
-
-    # --- step bookkeeping (the diffusers contract) -----------------------------------------
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
-
-    def index_for_timestep(self, timestep) -> int:
-        distance = (self.timesteps.cpu().double() - float(timestep)).abs()
-        index = int(distance.argmin())
-        if distance[index] > 1e-3:
-            raise ValueError(f"timestep {float(timestep)} is not in the schedule "
-                             f"{self.timesteps.tolist()}")
-        return index
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        return sample
+        self.reset_steps()
 
     def scale_noise(self, sample, timestep, noise):
         """Forward process ``(1 - sigma) x0 + sigma noise`` at a schedule timestep (img2img)."""
         sigma = self.sigmas[self.index_for_timestep(timestep)].to(sample)
         return (1 - sigma) * sample + sigma * noise
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
 
     # --- the sampler ----------------------------------------------------------------------
     def step(
@@ -180,11 +153,7 @@ class TDDFlowScheduler(SchedulerMixin, ConfigMixin):
         if self.indices is None:
             raise ValueError("call set_timesteps before step")
         eta = float(self.config.eta) if eta is None else check_eta(float(eta), "step eta")
-        if self._step_index is None:
-            self._step_index = (self.index_for_timestep(timestep) if self._begin_index is None
-                                else self._begin_index)
-        index, dtype = self._step_index, model_output.dtype
-        self._step_index += 1
+        index, dtype = self.advance(timestep), model_output.dtype
         x, v = sample.float(), model_output.float()
         t = self.indices[index : index + 1]
         # 1. Prediction (x0, eps) at t; LCM students through the boundary scalings.

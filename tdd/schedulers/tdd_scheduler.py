@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from tdd.prediction import PREDICTION_TYPES, ddim_map, renoise, to_x0_eps
 from tdd.schedule import DistillationGrid, NoiseSchedule, check_eta
+from tdd.schedulers.bookkeeping import StepBookkeeping
 
 logger = logging.get_logger(__name__)
 
@@ -51,7 +52,7 @@ def gamma_target(next_timestep: int, eta: float) -> int:
     return math.floor((1.0 - eta) * next_timestep)
 
 
-class TDDScheduler(SchedulerMixin, ConfigMixin):
+class TDDScheduler(StepBookkeeping, SchedulerMixin, ConfigMixin):
     """Gamma sampler on the distillation grid of a TDD student (Wang et al. 2024, TDD).
 
     Config: the teacher's noise schedule (``num_train_timesteps, beta_*, trained_betas,
@@ -101,8 +102,6 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self.timesteps = self.grid.timesteps.flip(0).clone()
         self._trained: torch.Tensor | None = None
-        self._step_index: int | None = None
-        self._begin_index: int | None = None
         self._warned_zero_eta = False
 
     # --- timesteps ------------------------------------------------------------------------
@@ -156,37 +155,8 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
             schedule = self.schedule(int(num_inference_steps))
         self.timesteps = schedule.to(device=device, dtype=torch.long)
         self.num_inference_steps = len(schedule)
-        self._step_index = None
-        self._begin_index = None
+        self.reset_steps()
         self._warned_zero_eta = False
-
-    # --- step bookkeeping (the diffusers contract) -----------------------------------------
-
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start at this index of ``timesteps`` (img2img pipelines skip the first steps)."""
-        self._begin_index = begin_index
-
-    def index_for_timestep(self, timestep: int | torch.Tensor) -> int:
-        matches = (self.timesteps.cpu() == int(timestep)).nonzero().flatten()
-        if matches.numel() == 0:
-            raise ValueError(f"timestep {int(timestep)} is not in the schedule "
-                             f"{self.timesteps.tolist()}")
-        return int(matches[0])
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """VP samplers feed the model ``x_t`` unscaled."""
-        return sample
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
 
     # --- the sampler ----------------------------------------------------------------------
 
@@ -228,12 +198,7 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
         eta = self._resolve_eta(eta)
-        if self._step_index is None:
-            self._step_index = (
-                self.index_for_timestep(timestep) if self._begin_index is None
-                else self._begin_index
-            )
-        index = self._step_index
+        index = self.advance(timestep)
         last = index + 1 >= len(self.timesteps)
         t_next = 0 if last else int(self.timesteps[index + 1])
         s = gamma_target(t_next, eta)
@@ -249,7 +214,6 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
                                  dtype=sample.dtype)
             prev_sample = renoise(x_s, torch.tensor([s]), torch.tensor([t_next]),
                                   self.noise_schedule, noise)
-        self._step_index += 1
         if not return_dict:
             return prev_sample, x0
         return TDDSchedulerOutput(prev_sample=prev_sample, denoised=x0)
