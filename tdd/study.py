@@ -3,6 +3,7 @@ can be stopped and called again any number of times.
 
     python -m tdd.study run experiments/<study>       # runs whatever is not yet done
     python -m tdd.study status experiments/<study>    # what is done, partial, failed, pending
+    python -m tdd.study run experiments/<study> --jobs 2   # two runs at once
 
 ``experiments/<study>/study.yaml``::
 
@@ -38,6 +39,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import shlex
 import shutil
 import signal
@@ -119,15 +121,16 @@ class Study:
         if unknown:
             raise ValueError(f"{path}: unknown evaluation keys {sorted(unknown)}")
         self.runs_dir = Path(runs_dir).resolve() / self.folder.resolve().name
-        self._child: subprocess.Popen | None = None
+        self._children: list[subprocess.Popen] = []  # the runs in progress
         self.stopped: int | None = None  # the signal that stopped the study, if any
 
     def stop(self, signum: int, frame=None) -> None:
-        """Signal handler: pass SIGTERM/SIGINT/SIGUSR1 on to the running run (which saves a
+        """Signal handler: pass SIGTERM/SIGINT/SIGUSR1 on to the running runs (each saves a
         checkpoint and exits, tdd.callbacks.StopOnSignal) and start no further run."""
         self.stopped = signum
-        if self._child is not None and self._child.poll() is None:
-            self._child.send_signal(signum)
+        for child in self._children:
+            if child.poll() is None:
+                child.send_signal(signum)
 
     @property
     def checkpoint_every(self) -> int | None:
@@ -188,8 +191,17 @@ class Study:
         return [sys.executable, str(ROOT / "run.py"), *run.overrides, *extra]
 
     # -- execution -------------------------------------------------------------------------------
-    def execute(self, run: Run, log=print) -> bool:
+    def execute(self, run: Run, log=print, threads: int | None = None) -> bool:
         """Run one process; on success copy its results into the study folder."""
+        started = self.start(run, log, threads)
+        if isinstance(started, bool):
+            return started
+        return self.finish(run, started, log)
+
+    def start(self, run: Run, log=print, threads: int | None = None
+              ) -> bool | subprocess.Popen:
+        """Start ``run``'s process (with ``threads`` torch CPU threads when given), or say at
+        once whether it is done (True: finished before, now collected) or cannot run (False)."""
         missing = [str(p) for p in run.needs if not p.is_file()]
         if missing:
             log(f"skip {run.arm}/seed{run.seed}/{run.name}: waiting for {missing}")
@@ -211,12 +223,21 @@ class Study:
         command = self.command(run)
         run.directory.mkdir(parents=True, exist_ok=True)
         log(f"run {run.arm}/seed{run.seed}/{run.name}: {shlex.join(command[1:])}")
-        started = time.monotonic()
+        env = None
+        if threads is not None:
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+                   "MKL_NUM_THREADS": str(threads)}
         with open(run.directory / "study.log", "a") as out:
-            self._child = subprocess.Popen(command, cwd=ROOT, stdout=out,
-                                           stderr=subprocess.STDOUT)
-            returncode = self._child.wait()
-            self._child = None
+            child = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                     env=env)
+        child.command, child.started = command, time.monotonic()
+        self._children.append(child)
+        return child
+
+    def finish(self, run: Run, child: subprocess.Popen, log=print) -> bool:
+        """Wait for ``run``'s process; collect its results, or record its failure."""
+        returncode = child.wait()
+        self._children.remove(child)
         if self.stopped is not None:  # the run checkpointed on the forwarded signal
             log(f"stopped {run.arm}/seed{run.seed}/{run.name} on signal {self.stopped}: "
                 "call again to continue")
@@ -224,10 +245,11 @@ class Study:
         produced = run.directory / "results.json"
         if returncode != 0 or not produced.is_file():
             tail = (run.directory / "study.log").read_text(errors="replace")[-4000:]
-            return self._fail(run, command, f"exit status {returncode}\n{tail}", log)
+            return self._fail(run, child.command, f"exit status {returncode}\n{tail}", log)
         self.collect(run)
         run.failure.unlink(missing_ok=True)
-        log(f"done {run.arm}/seed{run.seed}/{run.name} in {time.monotonic() - started:.0f} s")
+        log(f"done {run.arm}/seed{run.seed}/{run.name} in "
+            f"{time.monotonic() - child.started:.0f} s")
         return True
 
     def collect(self, run: Run) -> None:
@@ -258,9 +280,13 @@ class Study:
         return False
 
     def run(self, max_runs: int | None = None, arms: list[str] | None = None, log=print,
-            trainings_only: bool = False, evaluations: list[str] | None = None) -> int:
+            trainings_only: bool = False, evaluations: list[str] | None = None,
+            jobs: int = 1) -> int:
         """Run every pending run (or the first ``max_runs``); the number that failed.
-        ``evaluations``: only these evaluations (and the trainings they need)."""
+        ``evaluations``: only these evaluations (and the trainings they need). ``jobs`` > 1
+        runs that many processes at once, in the same order, an evaluation only once its
+        training is done, each with cores / jobs torch threads (unless OMP_NUM_THREADS is set):
+        small networks on a CPU gain little from a second thread, much from a second run."""
         unknown = sorted(set(arms or []) - set(self.arms))
         if unknown:
             raise ValueError(f"--arm {unknown}: the study's arms are {list(self.arms)}")
@@ -268,19 +294,48 @@ class Study:
         if unknown:
             raise ValueError(f"--evaluation {unknown}: the study's evaluations are "
                              f"{list(self.evaluations)}")
-        failed = started = 0
-        for run in self.runs():
-            if self.stopped is not None:
+        if jobs < 1:
+            raise ValueError(f"--jobs {jobs} must be >= 1")
+        pending = [run for run in self.runs() if not (
+            run.done or (arms and run.arm not in arms) or (
+                run.evaluation is not None and (trainings_only or (
+                    evaluations and run.evaluation not in evaluations))))]
+        if max_runs is not None:
+            pending = pending[:max(max_runs, 0)]
+        threads = None
+        if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+        failed, running = 0, []
+        while (pending or running) and self.stopped is None:
+            while len(running) < jobs and self.stopped is None:
+                producing = {r.result for r in pending} | {r.result for r, _ in running}
+                ready = next((r for r in pending
+                              if not any(p in producing for p in r.needs)), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                started = self.start(ready, log, threads)
+                if isinstance(started, bool):
+                    failed += not started
+                else:
+                    running.append((ready, started))
+            if not running:
                 break
-            if run.done or (arms and run.arm not in arms) or (
-                    run.evaluation is not None and (trainings_only or (
-                        evaluations and run.evaluation not in evaluations))):
-                continue
-            if max_runs is not None and started >= max_runs:
-                break
-            started += 1
-            failed += not self.execute(run, log)
+            finished = self._wait_any([child for _, child in running])
+            for run, child in [(r, c) for r, c in running if c is finished]:
+                running.remove((run, child))
+                failed += not self.finish(run, child, log)
+        for run, child in running:  # stopped: the runs save a checkpoint and exit
+            self.finish(run, child, log)
         return failed
+
+    def _wait_any(self, children: list[subprocess.Popen]) -> subprocess.Popen:
+        """The first of ``children`` to exit (polled; a signal interrupts the sleep)."""
+        while True:
+            for child in children:
+                if child.poll() is not None:
+                    return child
+            time.sleep(0.2)
 
     def status(self) -> str:
         lines = []
@@ -355,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="train every run first; evaluate on a later call")
     parser.add_argument("--evaluation", action="append", default=None,
                         help="only these evaluations (and the trainings they need)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, each with cores / jobs threads (default 1)")
     args = parser.parse_args(argv)
     study = Study(args.folder, args.runs_dir)
     if args.action == "status":
@@ -363,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, study.stop)
     failed = study.run(args.max_runs, args.arm, log=lambda m: print(m, flush=True),
-                       trainings_only=args.trainings_only, evaluations=args.evaluation)
+                       trainings_only=args.trainings_only, evaluations=args.evaluation,
+                       jobs=args.jobs)
     print(study.status().splitlines()[-1])
     if study.stopped is not None:
         return 128 + study.stopped

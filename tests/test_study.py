@@ -214,3 +214,49 @@ def test_every_committed_study_composes_and_builds_each_run(path, tmp_path):
         hydra.utils.instantiate(cfg.evaluation)
         if run.evaluation is not None:
             assert run.step % study.checkpoint_every == 0 and cfg.trainer.max_steps == run.step
+
+
+FAKE_RUN = """
+import json, os, sys, time
+from pathlib import Path
+directory, steps, nap = Path(sys.argv[1]), sys.argv[2].split(","), float(sys.argv[3])
+begin = time.time()
+time.sleep(nap)
+for step in steps:  # a training saves the checkpoints its evaluations score
+    (directory / "checkpoints").mkdir(exist_ok=True)
+    (directory / "checkpoints" / f"step{int(step):06d}.ckpt").write_text("")
+(directory / "results.json").write_text(json.dumps({
+    "begin": begin, "end": time.time(), "threads": os.environ.get("OMP_NUM_THREADS"),
+    "config": {"trainer": {"max_steps": 4}}}))
+"""
+
+
+def test_jobs_run_in_parallel_and_an_evaluation_waits_for_its_training(tmp_path, monkeypatch):
+    """--jobs 2: the two arms' trainings overlap, each evaluation starts after its training
+    ended, each run gets cores / 2 threads; the collected results are those of --jobs 1."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN)
+    folder = write_study(tmp_path / "study", STUDY.replace("seeds: [0, 1]", "seeds: [0]"))
+
+    def command(self, run):
+        nap = "1.0" if run.evaluation is None else "0.1"
+        return [sys.executable, str(script), str(run.directory), "2,4", nap]
+
+    monkeypatch.setattr(Study, "command", command)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    study = Study(folder, tmp_path / "runs")
+    assert study.run(jobs=2, log=lambda m: None) == 0
+    results = {f"{r.arm}/{r.name}": json.loads(r.result.read_text()) for r in study.runs()}
+    assert sorted(results) == ["a/curve_step000002", "a/curve_step000004", "a/train",
+                               "b/curve_step000002", "b/curve_step000004", "b/train"]
+    a, b = results["a/train"], results["b/train"]
+    assert a["begin"] < b["end"] and b["begin"] < a["end"]  # the trainings overlapped
+    for name, result in results.items():
+        arm, _ = name.split("/")
+        if name.endswith("train"):
+            continue
+        assert result["begin"] >= results[f"{arm}/train"]["end"]
+    assert {r["threads"] for r in results.values()} == {"2"}
+    with pytest.raises(ValueError, match="--jobs 0"):
+        study.run(jobs=0)
