@@ -7,6 +7,7 @@ speed against the teacher, peak memory. Prints JSON; ratios are the figures that
     python -m tdd.bench memory --help   (peak memory of the published UNets: tdd/bench_memory.py)
     python -m tdd.bench profile --help  (where the main job's time goes: tdd/profile.py)
     python -m tdd.bench adversarial     (step time with/without adversarial=hinge)
+    python -m tdd.bench threads         (one process x all cores vs one process per core)
 
 So that the figures hold still on a shared machine: every strategy's module is built first;
 every timed callable (each strategy's framework, floor and reference step; each sampler) runs
@@ -334,6 +335,10 @@ def main(argv: list[str] | None = None) -> None:
         from tdd.profile import main as profile_main
 
         return profile_main(argv[1:])
+    if argv[:1] == ["threads"]:
+        from tdd.bench_threads import main as threads_main
+
+        return threads_main(argv[1:])
     if argv[:1] == ["adversarial"]:
         from tdd.bench_adversarial import main as adversarial_main
 

@@ -132,3 +132,16 @@ def test_adversarial_benchmark_reports_the_step_time_ratios():
     assert report["adversarial_over_plain"] == pytest.approx(ratio / report["plain_step_s"])
     assert report["per_student_update_over_plain"] == pytest.approx(
         2 * report["adversarial_over_plain"])
+
+
+@pytest.mark.slow  # three spawned processes, each importing torch and building a module
+def test_threads_benchmark_compares_one_process_with_one_process_per_core():
+    from tdd.bench_threads import run as run_threads
+
+    report = run_threads("tiny", batch_size=2, steps=2, warmup=1, rounds=1, cores=2)
+    assert report["configurations"] == {"one_process": {"processes": 1, "threads": 2},
+                                        "per_core": {"processes": 2, "threads": 1}}
+    rates = {k: v["median"] for k, v in report["steps_per_s"].items()}
+    assert all(rate > 0 for rate in rates.values())
+    assert report["per_core_over_one_process"]["median"] == pytest.approx(
+        rates["per_core"] / rates["one_process"])
