@@ -8,6 +8,7 @@ speed against the teacher, peak memory. Prints JSON; ratios are the figures that
     python -m tdd.bench profile --help  (where the main job's time goes: tdd/profile.py)
     python -m tdd.bench adversarial     (step time with/without adversarial=hinge)
     python -m tdd.bench threads         (one process x all cores vs one process per core)
+    python -m tdd.bench precision       (the training step in float32 vs bf16 autocast)
 
 So that the figures hold still on a shared machine: every strategy's module is built first;
 every timed callable (each strategy's framework, floor and reference step; each sampler) runs
@@ -335,6 +336,10 @@ def main(argv: list[str] | None = None) -> None:
         from tdd.profile import main as profile_main
 
         return profile_main(argv[1:])
+    if argv[:1] == ["precision"]:
+        from tdd.bench_precision import main as precision_main
+
+        return precision_main(argv[1:])
     if argv[:1] == ["threads"]:
         from tdd.bench_threads import main as threads_main
 

@@ -145,3 +145,20 @@ def test_threads_benchmark_compares_one_process_with_one_process_per_core():
     assert all(rate > 0 for rate in rates.values())
     assert report["per_core_over_one_process"]["median"] == pytest.approx(
         rates["per_core"] / rates["one_process"])
+
+
+def test_precision_benchmark_times_float32_against_bf16_autocast(monkeypatch):
+    import tdd.bench
+    from tdd.bench_precision import run as run_precision
+
+    seen, step = set(), tdd.bench.framework_step
+
+    def recording(module, batch, optimizer):
+        seen.add((module.teacher.unet.dtype, torch.is_autocast_enabled("cpu")))
+        return step(module, batch, optimizer)
+
+    monkeypatch.setattr(tdd.bench, "framework_step", recording)
+    report = run_precision("tiny", batch_size=2, repeats=2, warmup=0)
+    assert seen == {(torch.float32, False), (torch.bfloat16, True)}
+    assert set(report["step_s"]) == {"float32", "bfloat16"}
+    assert report["bfloat16_speedup"]["median"] > 0
