@@ -17,6 +17,7 @@ can be stopped and called again any number of times.
       curve: {steps: [100, 200, 300], overrides: [evaluation.num_images=128]}
       final: {steps: [300], overrides: [evaluation.num_images=1000]}
       teacher: {steps: [300], arms: [tdd], seeds: [0], overrides: [...]}  # a subset only
+      equal: {steps: {tdd: [600], tdd_adv: [1200]}}   # per-arm steps (those arms only)
 
 Each training run is ``python run.py <common> <train> <arm> seed=<k>`` in
 ``<runs dir>/<study>/<arm>/seed<k>/train``, saving a checkpoint at every evaluated step; an
@@ -106,14 +107,14 @@ class Study:
         for name, entry in (spec.get("evaluations") or {}).items():
             if not isinstance(entry, dict) or not entry.get("steps"):
                 raise ValueError(f"{path}: evaluations.{name} needs `steps` (checkpoint steps)")
-            steps = [int(s) for s in _list(entry["steps"], path, f"evaluations.{name}.steps")]
-            if any(s < 1 for s in steps):
-                raise ValueError(f"{path}: evaluations.{name}.steps must be >= 1: {steps}")
+            steps = _steps(entry["steps"], list(self.arms), path, f"evaluations.{name}.steps")
             extra = _overrides(entry.get("overrides", []), path, f"evaluations.{name}.overrides")
             only_arms = entry.get("arms")
             if only_arms is not None and not set(only_arms) <= set(self.arms):
                 raise ValueError(f"{path}: evaluations.{name}.arms {only_arms}: the study's "
                                  f"arms are {list(self.arms)}")
+            if isinstance(entry["steps"], dict):  # per-arm steps: only those arms
+                only_arms = [a for a in (only_arms or self.arms) if a in entry["steps"]]
             only_seeds = entry.get("seeds")
             self.evaluations[str(name)] = (steps, extra, only_arms, only_seeds)
         unknown = {k for e in (spec.get("evaluations") or {}).values() if isinstance(e, dict)
@@ -135,7 +136,8 @@ class Study:
     @property
     def checkpoint_every(self) -> int | None:
         """Every evaluated step gets a checkpoint: their greatest common divisor."""
-        steps = [s for steps, *_ in self.evaluations.values() for s in steps]
+        steps = [s for steps, *_ in self.evaluations.values() for arm in steps.values()
+                 for s in arm]
         return math.gcd(*steps) if steps else None
 
     def _keep_checkpoints(self) -> list[str]:
@@ -172,7 +174,7 @@ class Study:
                     if (arms is not None and arm not in arms) or (
                             seeds is not None and seed not in seeds):
                         continue
-                    for step in steps:
+                    for step in steps[arm]:
                         name = f"{evaluation}_step{step:06d}"
                         checkpoint = train.directory / "checkpoints" / f"step{step:06d}.ckpt"
                         runs.append(Run(arm, seed, name, base / name,
@@ -387,6 +389,22 @@ def _list(value, path: Path, key: str) -> list:
     if not isinstance(value, list):
         raise ValueError(f"{path}: `{key}` must be a list, got {value!r}")
     return value
+
+
+def _steps(value, arms: list[str], path: Path, key: str) -> dict[str, list[int]]:
+    """Checkpoint steps per arm: a list (every arm) or a mapping arm -> list (arms that train
+    for different lengths, e.g. to compare at equal student updates)."""
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(arms))
+        if unknown:
+            raise ValueError(f"{path}: `{key}` names arms {unknown}; the study's arms are {arms}")
+        per_arm = {str(a): _list(v, path, f"{key}.{a}") for a, v in value.items()}
+    else:
+        per_arm = dict.fromkeys(arms, _list(value, path, key))
+    per_arm = {a: [int(s) for s in v] for a, v in per_arm.items()}
+    if any(s < 1 for v in per_arm.values() for s in v):
+        raise ValueError(f"{path}: `{key}` must be >= 1: {value}")
+    return per_arm
 
 
 def _overrides(value, path: Path, key: str) -> list[str]:

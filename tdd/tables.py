@@ -98,6 +98,8 @@ def _planned(root: Path, evaluation: str) -> set[tuple[str, int]] | None:
     if plan is None:
         return None
     arms = plan.get("arms") or list(study.get("arms") or {})
+    if isinstance(plan.get("steps"), dict):  # per-arm steps: only those arms
+        arms = [arm for arm in arms if arm in plan["steps"]]
     seeds = plan.get("seeds") or study.get("seeds") or []
     return {(arm, int(seed)) for arm in arms for seed in seeds}
 

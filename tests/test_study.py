@@ -85,11 +85,28 @@ def test_an_interrupted_training_is_resumed_from_its_own_directory(tmp_path):
     ("arms: {a: []}\nevaluations: {e: {steps: [2], every: 3}}\n", "unknown evaluation keys"),
     ("arms: {a: []}\ntrain: [callbacks.checkpoint.every_n_train_steps=4]\n"
      "evaluations: {e: {steps: [6]}}\n", "need a checkpoint every 6"),
+    ("arms: {a: []}\nevaluations: {e: {steps: {z: [2]}}}\n", "names arms ['z']"),
+    ("arms: {a: []}\nevaluations: {e: {steps: {a: [0]}}}\n", "`evaluations.e.steps` must be"),
 ])
 def test_a_bad_study_file_names_the_key(tmp_path, text, message):
     folder = write_study(tmp_path / "s", text)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         Study(folder, tmp_path / "runs").runs()
+
+
+def test_per_arm_steps_evaluate_each_arm_at_its_own_length(tmp_path):
+    """Arms trained for different lengths (e.g. equal student updates) share one evaluation
+    name, each scored at its own step; an arm the mapping leaves out is not evaluated."""
+    text = ("seeds: [0]\narms: {short: [trainer.max_steps=6], long: [trainer.max_steps=12],"
+            " other: []}\nevaluations: {final: {steps: {short: [6], long: [12]}}}\n")
+    study = Study(write_study(tmp_path / "s", text), tmp_path / "runs")
+    names = [f"{r.arm}/{r.name}" for r in study.runs()]
+    assert names == ["short/train", "short/final_step000006", "long/train",
+                     "long/final_step000012", "other/train"]
+    assert study.checkpoint_every == 6
+    final = study.runs()[3]
+    assert final.checkpoint.name == "step000012.ckpt"
+    assert "trainer.max_steps=12" in study.command(final)
 
 
 def test_arm_and_evaluation_filters_are_checked(tmp_path):

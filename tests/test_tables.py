@@ -218,3 +218,18 @@ def test_failed_runs_and_the_study_plan(tmp_path):
         "evaluations: {final: {steps: [600]}}\n")
     fid = table(collect(tmp_path), "fid")
     assert "- new seed 2: no final result (not run yet)" in fid  # planned, never started
+
+
+def test_per_arm_steps_plan_only_the_arms_they_name(tmp_path):
+    """An evaluation with per-arm steps (arms of different lengths) expects those arms only."""
+    make_study(tmp_path)
+    (tmp_path / "study.yaml").write_text(
+        "seeds: [0, 1, 2]\narms: {tdd: [strategy=tdd], lcm: [strategy=lcm], new: [a=b]}\n"
+        "evaluations: {final: {steps: {tdd: [600], lcm: [600]}}}\n")
+    fid = table(collect(tmp_path), "fid")
+    assert "new" not in fid
+    (tmp_path / "study.yaml").write_text(
+        "seeds: [0, 1, 2]\narms: {tdd: [strategy=tdd], lcm: [strategy=lcm], new: [a=b]}\n"
+        "evaluations: {final: {steps: {tdd: [600], new: [1200]}}}\n")
+    fid = table(collect(tmp_path), "fid")
+    assert "- new seed 0: no final result (not run yet)" in fid
