@@ -1,7 +1,9 @@
 """Learning curves of a study: a metric against the training step, one line per arm (the mean
-over seeds) with a band of one standard deviation, from the study's curve evaluations.
+over seeds) with a band of one standard deviation, from the study's curve evaluations; and
+side-by-side sample grids of the arms (the same prompts and image seeds in every arm).
 
     python -m tdd.plots experiments/<study> --metric fid --setting 4 --out curves.png
+    python -m tdd.plots experiments/<study> --grids --eval final --setting 4 --out grids.png
 
 Points come from the study's ``results/<arm>/seed<k>/curve_step<N>.json`` evaluations (one
 per step) and from the evaluations a training run made every ``evaluation.every_n_steps``
@@ -118,15 +120,68 @@ def plot_curves(points: list[dict], metric: str, setting: str, path: str | Path)
     return Path(path)
 
 
+def grid_files(root: str | Path, setting: str, evaluation: str = "final", seed: int = 0
+               ) -> dict[str, Path]:
+    """Per arm (in the study's order when it has a study.yaml, else by name) the sample grid of
+    ``setting`` from its ``<evaluation>_step<N>`` results of training seed ``seed`` (the
+    highest step); arms without one are left out."""
+    root = Path(root)
+    arms = sorted(p.name for p in (root / "results").glob("*") if p.is_dir())
+    if (root / "study.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        order = list(OmegaConf.to_container(OmegaConf.load(root / "study.yaml"))["arms"])
+        arms = [a for a in order if a in arms] + [a for a in arms if a not in order]
+    found = {}
+    for arm in arms:
+        folders = sorted((root / "results" / arm / f"seed{seed}").glob(f"{evaluation}_step*"),
+                         key=lambda p: _natural(p.name))
+        grids = [f / f"{setting}.png" for f in folders if (f / f"{setting}.png").is_file()]
+        if grids:
+            found[arm] = grids[-1]
+    if not found:
+        raise FileNotFoundError(f"no sample grid {setting}.png under {root}/results/<arm>/"
+                                f"seed{seed}/{evaluation}_step*/")
+    return found
+
+
+def plot_grids(grids: dict[str, Path], path: str | Path, title: str = "") -> Path:
+    """The arms' sample grids side by side, each titled by its arm."""
+    from PIL import Image
+
+    plt = pyplot()
+    figure, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids), 2.9), squeeze=False)
+    for axis, (arm, file) in zip(axes[0], grids.items()):
+        axis.imshow(Image.open(file).convert("RGB"))
+        axis.set_title(arm, fontsize=9)
+        axis.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(figure)
+    return Path(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="a study folder")
     parser.add_argument("--metric", default="fid")
     parser.add_argument("--setting", default="4", help="an evaluated setting, e.g. 4, 4_g1.7")
-    parser.add_argument("--eval", default="curve", help="the curve evaluations' name")
+    parser.add_argument("--eval", default=None, help="the evaluations' name (default: curve; "
+                        "with --grids: final)")
+    parser.add_argument("--grids", action="store_true",
+                        help="side-by-side sample grids of the arms instead of curves")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (--grids)")
     parser.add_argument("--out", default="curves.png")
     args = parser.parse_args(argv)
-    points = curve_points(args.root, args.eval)
+    if args.grids:
+        evaluation = args.eval or "final"
+        grids = grid_files(args.root, args.setting, evaluation, args.seed)
+        title = f"{evaluation}, setting {args.setting}, training seed {args.seed}"
+        print(f"plot: {plot_grids(grids, args.out, title)}")
+        return
+    points = curve_points(args.root, args.eval or "curve")
     print(f"plot: {plot_curves(points, args.metric, args.setting, args.out)}")
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers_study import write_study_run
 
-from tdd.plots import curve_points, curves, main, plot_curves
+from tdd.plots import curve_points, curves, grid_files, main, plot_curves
 
 
 def make_curves(study, arms=("lcm", "tdd"), seeds=(0, 1, 2), steps=(100, 200, 300)):
@@ -80,3 +80,26 @@ def test_in_training_curves_of_train_json_are_points_too(tmp_path):
     np.testing.assert_allclose(result["lcm"]["mean"], [50.5, 40.5])
     np.testing.assert_allclose(result["tdd"]["std"], [0.7071068, 0.7071068])
     assert curves(curve_points(tmp_path), "clip", "4")["tdd"]["mean"].tolist() == [80, 81]
+
+
+def test_side_by_side_grids_follow_the_study_order_and_the_highest_step(tmp_path, capsys):
+    import torch
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    (tmp_path / "study.yaml").write_text("arms: {tdd: [], lcm: [], tcd: []}\n")
+    colours = {"tdd": 0.0, "lcm": 1.0}
+    for arm, value in colours.items():
+        for step in (600, 1200) if arm == "tdd" else (600,):
+            folder = write_study_run(tmp_path, arm, 0, [], {"fid": 1.0}, step=step)
+            grid = folder / f"final_step{step:06d}" / "4.png"
+            grid.parent.mkdir(parents=True)
+            save_image(torch.full((1, 3, 8, 8), value if step == 600 else 0.5), grid)
+    found = grid_files(tmp_path, "4")
+    assert list(found) == ["tdd", "lcm"]  # study order; tcd has no grid
+    assert found["tdd"].parent.name == "final_step001200"
+    out = tmp_path / "grids.png"
+    main([str(tmp_path), "--grids", "--setting", "4", "--out", str(out)])
+    assert Image.open(out).size[0] > Image.open(out).size[1]  # side by side
+    with pytest.raises(FileNotFoundError, match="8.png"):
+        grid_files(tmp_path, "8")
