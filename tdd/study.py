@@ -31,13 +31,17 @@ setting, the same prompts and seeds in every arm): tables, plots and side-by-sid
 regenerate from these committed files alone. SIGTERM/SIGINT/SIGUSR1 are passed on to the
 running run, which saves a checkpoint; the next call resumes it. A run that fails
 is recorded as ``<name>.failed.txt`` (its command and the end of its log) and retried on the
-next call; it never becomes a result.
+next call; it never becomes a result. A training with the very overrides (in order) of one
+another study started under the same runs dir is that training: it is collected and its
+checkpoints scored, not trained again (``<runs dir>/shared/<key>`` links to its directory; a
+``study.lock`` holding a live pid keeps a second runner off a run).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -167,8 +171,8 @@ class Study:
                 results = self.folder / "results" / arm / f"seed{seed}"
                 recipe = [*self.common, *arm_overrides, f"seed={seed}"]
                 keep = self._keep_checkpoints()
-                train = Run(arm, seed, "train", base / "train",
-                            [*recipe, *keep, *self.train], results / "train.json")
+                train = self._shared(Run(arm, seed, "train", base / "train",
+                                         [*recipe, *keep, *self.train], results / "train.json"))
                 runs.append(train)
                 for evaluation, (steps, extra, arms, seeds) in self.evaluations.items():
                     if (arms is not None and arm not in arms) or (
@@ -182,6 +186,50 @@ class Study:
                                         results / f"{name}.json", step, evaluation, checkpoint,
                                         needs=[train.result]))
         return runs
+
+    # -- trainings shared between studies -------------------------------------------------------
+    def _pool_entry(self, run: Run) -> Path:
+        """``<runs dir>/shared/<key>``: the training directory of these exact overrides."""
+        key = hashlib.sha1("\n".join(run.overrides).encode()).hexdigest()[:16]
+        return self.runs_dir.parent / "shared" / key
+
+    def _shared(self, run: Run) -> Run:
+        """A training another study already started or finished with the very same overrides
+        (in the same order) is this training: ``run`` is pointed at its directory instead of
+        training it again. A training with a directory of its own registers it."""
+        entry = self._pool_entry(run)
+        if run.directory.is_dir():
+            self._register(run)
+        elif entry.is_symlink() and entry.resolve().is_dir():
+            run.directory = entry.resolve()
+        return run
+
+    def _register(self, run: Run, starting: bool = False) -> None:
+        """Enter a training directory that holds a run (or is about to) into the pool."""
+        if not (starting or (run.directory / "results.json").is_file()
+                or (run.directory / "checkpoints").is_dir()):
+            return
+        entry = self._pool_entry(run)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            entry.symlink_to(run.directory.resolve(), target_is_directory=True)
+        except FileExistsError:
+            pass
+
+    def _lock(self, run: Run, log) -> bool:
+        """Take ``<run dir>/study.lock`` (this process's pid); False while a live process of
+        another runner holds it (a training shared by two studies is trained by one)."""
+        lock = run.directory / "study.lock"
+        try:
+            holder = int(lock.read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            holder = 0
+        if holder and holder != os.getpid() and _alive(holder):
+            log(f"busy {run.arm}/seed{run.seed}/{run.name}: {run.directory} is being run by "
+                f"process {holder} (another study's runner); call again when it is done")
+            return False
+        lock.write_text(f"{os.getpid()}\n")
+        return True
 
     def command(self, run: Run) -> list[str]:
         """``python run.py ...`` for ``run``: a resume when its directory holds a checkpoint."""
@@ -222,8 +270,12 @@ class Study:
                 link.symlink_to(run.checkpoint.resolve())
             if run.directory.exists():  # an interrupted evaluation restarts from scratch
                 shutil.rmtree(run.directory)
-        command = self.command(run)
         run.directory.mkdir(parents=True, exist_ok=True)
+        if not self._lock(run, log):
+            return False
+        command = self.command(run)
+        if run.evaluation is None:
+            self._register(run, starting=True)
         log(f"run {run.arm}/seed{run.seed}/{run.name}: {shlex.join(command[1:])}")
         env = None
         if threads is not None:
@@ -240,6 +292,7 @@ class Study:
         """Wait for ``run``'s process; collect its results, or record its failure."""
         returncode = child.wait()
         self._children.remove(child)
+        (run.directory / "study.lock").unlink(missing_ok=True)
         if self.stopped is not None:  # the run checkpointed on the forwarded signal
             log(f"stopped {run.arm}/seed{run.seed}/{run.name} on signal {self.stopped}: "
                 "call again to continue")
@@ -348,6 +401,16 @@ class Study:
         counts = {s: sum(line.startswith(s) for line in lines)
                   for s in ("done", "partial", "failed", "pending")}
         return "\n".join(lines + [", ".join(f"{v} {k}" for k, v in counts.items())])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def loss_curve(run_dir: Path) -> dict[str, list[list[float]]]:

@@ -277,3 +277,59 @@ def test_jobs_run_in_parallel_and_an_evaluation_waits_for_its_training(tmp_path,
     assert {r["threads"] for r in results.values()} == {"2"}
     with pytest.raises(ValueError, match="--jobs 0"):
         study.run(jobs=0)
+
+
+SHARED = """
+seeds: [0]
+common: [logger=csv]
+arms:
+  base: [strategy=tdd]
+  {other}: [strategy=tdd, {override}]
+evaluations:
+  {evaluation}: {{steps: [4]}}
+"""
+
+
+def test_a_training_two_studies_share_is_trained_once(tmp_path, monkeypatch):
+    """Two studies with an arm of the very same overrides: the second study collects the
+    first one's training and scores its checkpoints, training only its own other arm; a
+    training another runner holds (live lock) is left alone."""
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN)
+    started = []
+
+    def command(self, run):
+        started.append((self.folder.name, run.arm, run.name))
+        return [sys.executable, str(script), str(run.directory), "4", "0"]
+
+    monkeypatch.setattr(Study, "command", command)
+    runs = tmp_path / "runs"
+    first = write_study(tmp_path / "first", SHARED.format(other="window0", override="a=1",
+                                                          evaluation="final"))
+    second = write_study(tmp_path / "second", SHARED.format(other="eta0", override="b=2",
+                                                            evaluation="score"))
+    assert Study(first, runs).run(log=lambda m: None) == 0
+    assert Study(second, runs).run(log=lambda m: None) == 0
+    assert started == [("first", "base", "train"), ("first", "base", "final_step000004"),
+                       ("first", "window0", "train"), ("first", "window0", "final_step000004"),
+                       ("second", "base", "score_step000004"), ("second", "eta0", "train"),
+                       ("second", "eta0", "score_step000004")]
+    shared = json.loads((second / "results" / "base" / "seed0" / "train.json").read_text())
+    assert shared["overrides"] == json.loads(
+        (first / "results" / "base" / "seed0" / "train.json").read_text())["overrides"]
+    link = runs / "second" / "base" / "seed0" / "links" / "step000004.ckpt"
+    assert link.resolve() == runs / "first" / "base" / "seed0" / "train" / "checkpoints" / \
+        "step000004.ckpt"
+
+    third = write_study(tmp_path / "third", SHARED.format(other="k2", override="c=3",
+                                                          evaluation="final"))
+    (runs / "third" / "k2" / "seed0" / "train").mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (runs / "third" / "k2" / "seed0" / "train" / "study.lock").write_text(f"{sleeper.pid}")
+        messages = []
+        Study(third, runs).run(log=messages.append)
+        assert any(m.startswith("busy k2/seed0/train") for m in messages)
+        assert ("third", "k2", "train") not in started
+    finally:
+        sleeper.kill()
