@@ -16,7 +16,7 @@ import torch
 
 def run(model: str, batch_size: int, repeats: int, warmup: int, strategy: str = "tdd",
         device: str = "cpu") -> dict:
-    from tdd.bench import (
+    from tdd.bench_steps import (
         build,
         framework_step,
         interleaved_seconds,

@@ -26,7 +26,7 @@ import torch
 def _worker(model: str, batch_size: int, steps: int, warmup: int, threads: int, barrier,
             results) -> None:
     torch.set_num_threads(threads)
-    from tdd.bench import build, framework_step, strategy_configs, teacher_factory_of
+    from tdd.bench_steps import build, framework_step, strategy_configs, teacher_factory_of
 
     device = torch.device("cpu")
     module, optimizer = build(teacher_factory_of(model, None, "float32", device),

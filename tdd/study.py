@@ -33,7 +33,7 @@ running run, which saves a checkpoint; the next call resumes it. A run that fail
 is recorded as ``<name>.failed.txt`` (its command and the end of its log) and retried on the
 next call; it never becomes a result. A training with the very overrides (in order) of one
 another study started under the same runs dir is that training: it is collected and its
-checkpoints scored, not trained again (``<runs dir>/shared/<key>`` links to its directory; a
+checkpoints scored, not trained again (``<runs dir>/trainings/<key>`` links to its directory; a
 ``study.lock`` holding a live pid keeps a second runner off a run).
 """
 
@@ -189,9 +189,9 @@ class Study:
 
     # -- trainings shared between studies -------------------------------------------------------
     def _pool_entry(self, run: Run) -> Path:
-        """``<runs dir>/shared/<key>``: the training directory of these exact overrides."""
+        """``<runs dir>/trainings/<key>``: the training directory of these exact overrides."""
         key = hashlib.sha1("\n".join(run.overrides).encode()).hexdigest()[:16]
-        return self.runs_dir.parent / "shared" / key
+        return self.runs_dir.parent / "trainings" / key
 
     def _shared(self, run: Run) -> Run:
         """A training another study already started or finished with the very same overrides

@@ -148,16 +148,16 @@ def test_threads_benchmark_compares_one_process_with_one_process_per_core():
 
 
 def test_precision_benchmark_times_float32_against_bf16_autocast(monkeypatch):
-    import tdd.bench
+    import tdd.bench_steps
     from tdd.bench_precision import run as run_precision
 
-    seen, step = set(), tdd.bench.framework_step
+    seen, step = set(), tdd.bench_steps.framework_step
 
     def recording(module, batch, optimizer):
         seen.add((module.teacher.unet.dtype, torch.is_autocast_enabled("cpu")))
         return step(module, batch, optimizer)
 
-    monkeypatch.setattr(tdd.bench, "framework_step", recording)
+    monkeypatch.setattr(tdd.bench_steps, "framework_step", recording)
     report = run_precision("tiny", batch_size=2, repeats=2, warmup=0)
     assert seen == {(torch.float32, False), (torch.bfloat16, True)}
     assert set(report["step_s"]) == {"float32", "bfloat16"}
