@@ -191,12 +191,19 @@ def group(records: list[dict]) -> list[Arm]:
 
 
 # -- the table --------------------------------------------------------------------------------
-def _cells(record: dict, metric: str, guidance_scale: float) -> dict[str, object]:
+def _cells(record: dict, metric: str, guidance_scale: float,
+           settings: list[str] | None = None) -> dict[str, object]:
     """Column -> value of one run (student rows at ``guidance_scale`` and the sampler's own
-    eta; the teacher rows), with the ``[low, high]`` interval under ``<column>/ci``."""
+    eta; the teacher rows), with the ``[low, high]`` interval under ``<column>/ci``. With
+    ``settings`` the columns are those evaluated settings by name (``4_eta0.5``, ``4_g1.5``,
+    ``teacher25``; ``["all"]``: every one)."""
     cells: dict[str, object] = {}
     for name, row in (record.get("metrics") or {}).items():
-        if row.get("teacher"):
+        if settings is not None:
+            if name not in settings and settings != ["all"]:
+                continue
+            column = name
+        elif row.get("teacher"):
             column = f"teacher@{row['steps']}"
         elif row.get("guidance_scale") == guidance_scale and "_eta" not in name:
             column = f"{row['steps']} steps"
@@ -208,16 +215,24 @@ def _cells(record: dict, metric: str, guidance_scale: float) -> dict[str, object
     return cells
 
 
-def check_request(records: list[dict], metric: str, guidance_scale: float) -> None:
-    """An unknown metric or guidance scale is an error that names the valid ones."""
+def check_request(records: list[dict], metric: str, guidance_scale: float,
+                  settings: list[str] | None = None) -> None:
+    """An unknown metric, guidance scale or setting is an error that names the valid ones."""
     rows = [row for r in records for row in (r.get("metrics") or {}).values()]
+    if settings is not None:
+        names = sorted({n for r in records for n in (r.get("metrics") or {})},
+                       key=_setting_order)
+        unknown = [n for n in settings if n not in names and n != "all"]
+        if unknown:
+            raise ValueError(f"--settings {unknown}: the evaluated settings are "
+                             f"{', '.join(names)}")
     metrics = sorted({k for row in rows for k, v in row.items()
                       if k not in NOT_METRICS and (is_number(v) or isinstance(v, str))
                       and k != "grid"})
     if metric not in metrics:
         raise ValueError(f"unknown metric {metric!r}: the results hold {', '.join(metrics)}")
     scales = sorted({row.get("guidance_scale") for row in rows if not row.get("teacher")})
-    if guidance_scale not in scales:
+    if settings is None and guidance_scale not in scales:
         raise ValueError(f"no student rows at guidance scale {guidance_scale:g}: evaluated "
                          f"scales are {', '.join(f'{s:g}' for s in scales)}")
     if not any(is_number(row.get(metric)) for row in rows):
@@ -226,16 +241,22 @@ def check_request(records: list[dict], metric: str, guidance_scale: float) -> No
 
 
 def table(records: list[dict], metric: str = "fid", guidance_scale: float = 1.0,
-          baseline: str | None = None) -> str:
+          baseline: str | None = None, settings: list[str] | None = None) -> str:
     """Markdown: one row per arm, one column per step count plus the teacher's rows; cells
     ``mean ± std (n)`` over seeds (one run: the value and its interval over images, when the
     run has one), ``*`` where the arm differs from ``baseline`` beyond the interval; notes on
     every missing value below."""
-    check_request(records, metric, guidance_scale)
+    check_request(records, metric, guidance_scale, settings)
     arms = group(records)
-    cells = [[_cells(run, metric, guidance_scale) for run in arm.runs] for arm in arms]
-    columns = sorted({c for arm in cells for run in arm for c in run if "/" not in c},
-                     key=_column_order)
+    cells = [[_cells(run, metric, guidance_scale, settings) for run in arm.runs]
+             for arm in arms]
+    present = {c for arm in cells for run in arm for c in run if "/" not in c}
+    if settings is None:
+        columns = sorted(present, key=_column_order)
+    elif settings == ["all"]:
+        columns = sorted(present, key=_setting_order)
+    else:
+        columns = [c for c in settings if c in present]
     base = _find_baseline(arms, baseline) if baseline else None
     named = any(arm.name for arm in arms)
     header = [f"arm ({metric})", "differs by"] if named else [f"run ({metric})"]
@@ -404,6 +425,13 @@ def _column_order(column: str) -> tuple[int, int]:
         0, int(column.split()[0]))
 
 
+def _setting_order(name: str) -> tuple:
+    """Evaluated settings by name: the student's by steps then variant, the teacher's last."""
+    teacher = name.startswith("teacher")
+    steps = name.removeprefix("teacher").split("_")[0]
+    return (teacher, int(steps) if steps.isdigit() else 0, name)
+
+
 def _fmt(value) -> str:
     """A number to 3 decimals (3 significant digits below 0.1); ``-`` when missing, ``n/a``
     when not computed (a reason)."""
@@ -457,12 +485,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paired", metavar="SETTING",
                         help="also compare every arm with --baseline image by image at this "
                         "evaluated setting (e.g. 4), for per-image metrics")
+    parser.add_argument("--settings", nargs="+", metavar="SETTING",
+                        help="columns = these evaluated settings by name (4_eta0.5, 4_g1.5, "
+                        "teacher25; 'all': every one) instead of one per step count")
     parser.add_argument("--plot", help="also save a metric-vs-steps plot here")
     args = parser.parse_args(argv)
     if args.paired and not args.baseline:
         parser.error("--paired needs --baseline")
     records = collect(args.root, args.eval)
-    tables = [table(records, m, args.guidance_scale, args.baseline) for m in args.metric]
+    tables = [table(records, m, args.guidance_scale, args.baseline, args.settings)
+              for m in args.metric]
     if args.paired:
         tables += [paired_table(records, m, args.paired, args.baseline) for m in args.metric]
     print("\n\n".join(tables))

@@ -233,3 +233,24 @@ def test_per_arm_steps_plan_only_the_arms_they_name(tmp_path):
         "evaluations: {final: {steps: {tdd: [600], new: [1200]}}}\n")
     fid = table(collect(tmp_path), "fid")
     assert "- new seed 0: no final result (not run yet)" in fid
+
+
+def test_settings_columns_show_eta_and_guidance_variants(tmp_path):
+    """--settings: one column per evaluated setting by name, so an eta or guidance sweep of
+    one evaluation is a row of the table; an unknown setting names the evaluated ones."""
+    for seed in (0, 1):
+        folder = write_study_run(tmp_path, "tdd", seed, ["strategy=tdd"], {"fid": 30.0 + seed},
+                                 name="eta")
+        record = json.loads((folder / "eta_step000600.json").read_text())
+        record["metrics"]["4_eta0.5"] = {"steps": 4, "guidance_scale": 1.0, "eta": 0.5,
+                                         "teacher": False, "fid": 20.0 + seed}
+        (folder / "eta_step000600.json").write_text(json.dumps(record))
+    records = collect(tmp_path, "eta")
+    text = table(records, "fid", settings=["4_eta0.5", "4"])
+    assert text.splitlines()[0] == "| arm (fid) | differs by | 4_eta0.5 | 4 |"
+    assert "| 20.500 ± 0.707 (2) | 30.500 ± 0.707 (2) |" in text
+    every = table(records, "fid", settings=["all"])
+    assert every.splitlines()[0].endswith("| 4 | 4_eta0.5 | teacher25 |")
+    assert "4_eta0.5" not in table(records, "fid")  # by steps: the sampler's own eta only
+    with pytest.raises(ValueError, match="the evaluated settings are 4, 4_eta0.5, teacher25"):
+        table(records, "fid", settings=["4_eta0.3"])
