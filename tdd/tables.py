@@ -302,11 +302,14 @@ def _cell(arm: Arm, cells: list[dict], column: str) -> tuple[str, list[str]]:
     if s.n == 0:
         return ("n/a" if any(isinstance(v, str) for v in values.values()) else "-"), notes
     count = f"{s.n}" if s.n == total else f"{s.n}/{total}"
-    if total > 1:
-        return f"{_fmt(s.mean)} ± {_fmt(s.std)} ({count})" if s.n > 1 else (
-            f"{_fmt(s.mean)} ({count})"), notes
-    ci = cells[0].get(f"{column}/ci")
-    return _fmt(s.mean) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""), notes
+    if s.n > 1:
+        return f"{_fmt(s.mean)} ± {_fmt(s.std)} ({count})", notes
+    # one run has the value: it, with its interval over images when it has one
+    (ci,) = [c.get(f"{column}/ci") for run, c in zip(arm.runs, cells)
+             if "missing" not in run and c.get(column) is not None and not isinstance(
+                 c.get(column), str)]
+    text = _fmt(s.mean) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+    return (text + f" ({count})" if total > 1 else text), notes
 
 
 def _present(arm: Arm) -> set[str]:

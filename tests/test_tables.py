@@ -254,3 +254,12 @@ def test_settings_columns_show_eta_and_guidance_variants(tmp_path):
     assert "4_eta0.5" not in table(records, "fid")  # by steps: the sampler's own eta only
     with pytest.raises(ValueError, match="the evaluated settings are 4, 4_eta0.5, teacher25"):
         table(records, "fid", settings=["4_eta0.3"])
+
+
+def test_a_lone_finished_seed_shows_its_interval_over_images(tmp_path):
+    (tmp_path / "study.yaml").write_text(
+        "seeds: [0, 1, 2]\narms: {tdd: [strategy=tdd]}\nevaluations: {final: {steps: [600]}}\n")
+    write_study_run(tmp_path, "tdd", 0, ["strategy=tdd"], {"fid": 34.2, "fid_ci": [31.7, 37.9]})
+    text = table(collect(tmp_path), "fid")
+    assert "| 34.200 [31.700, 37.900] (1/3) |" in text
+    assert "- tdd seed 1: no final result (not run yet)" in text
