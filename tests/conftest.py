@@ -54,3 +54,13 @@ def make_cfg(tmp_path):
 @pytest.fixture
 def tiny_teacher():
     return build_tiny()
+
+
+@pytest.fixture
+def one_thread():
+    """Many tiny tensor operations: one thread (two cost many times more on a loaded machine).
+    Test modules of such operations use it with ``pytestmark = usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

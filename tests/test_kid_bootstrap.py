@@ -16,14 +16,7 @@ from tdd.metrics.bootstrap import (
 from tdd.metrics.fid import NO_FEATURES
 from tdd.metrics.kid import check_kid_settings, kid, kid_resampled, mmd2_unbiased
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many tiny matrix operations: one thread (two cost 30x more on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def gaussian(n, d, shift=0.0, scale=1.0, seed=0):

@@ -18,14 +18,7 @@ from tdd.stats import (
     t_quantile,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many tiny tensor operations: one thread (two cost far more on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_summary_counts_missing_runs_and_metrics_without_inventing_them():
