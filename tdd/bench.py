@@ -120,7 +120,6 @@ def sampling_timings(module, images: int, repeats: int, warmup: int, device) -> 
     """Images/s of the student's few-step samplers and the teacher's 25-step CFG, end to end
     (text encoding and VAE decoding included), interleaved."""
     prompts = ["a red striped circle at the top left"] * images
-    unet = module.student.sampling_unet
     sample = partial(generate, pipeline=module.teacher, prompts=prompts,
                      seeds=list(range(images)), batch_size=2 * images)  # CFG: one call of 2x
 
@@ -128,10 +127,14 @@ def sampling_timings(module, images: int, repeats: int, warmup: int, device) -> 
         with module.student.as_teacher() as teacher_unet:
             sample(teacher_unet, sampler=DDIMSampler(), num_steps=25, guidance_scale=4.5)
 
+    def student_sample(sampler, num_steps):  # as evaluation samples (LoRA: merged)
+        with module.student.sampling() as unet:
+            sample(unet, sampler=sampler, num_steps=num_steps)
+
     timed = {
-        "tdd@4": partial(sample, unet, sampler=TDDSampler(), num_steps=4),
-        "tdd@8": partial(sample, unet, sampler=TDDSampler(), num_steps=8),
-        "tcd@4": partial(sample, unet, sampler=TCDSampler(), num_steps=4),
+        "tdd@4": partial(student_sample, TDDSampler(), 4),
+        "tdd@8": partial(student_sample, TDDSampler(), 8),
+        "tcd@4": partial(student_sample, TCDSampler(), 4),
         "teacher@25_cfg": teacher_sample,
     }
     times = interleaved_seconds(timed, device, repeats, warmup)

@@ -178,11 +178,11 @@ class Evaluation(L.Callback):
                                                  output)
         scales = self.guidance_scales or module.guidance.inference_scales
         settings = [Setting(k, g, eta) for k in self.steps for g in scales for eta in self.etas]
-        for setting in settings:
-            sampler = self.sampler if setting.eta is None else dataclasses.replace(
-                self.sampler, eta=setting.eta)
-            rows[setting.name] = self._score(module.student.sampling_unet, sampler, setting,
-                                             module, output)
+        with module.student.sampling() as unet:
+            for setting in settings:
+                sampler = self.sampler if setting.eta is None else dataclasses.replace(
+                    self.sampler, eta=setting.eta)
+                rows[setting.name] = self._score(unet, sampler, setting, module, output)
         metrics = {f"val/{key}@{name}": value for name, row in rows.items()
                    for key, value in row.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}

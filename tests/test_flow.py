@@ -374,6 +374,22 @@ def test_lora_targets_the_attention_and_feed_forward_projections(folders):
         assert name == "sd3" or any(k.endswith("ff_context.net.0.proj") for k in adapted)
 
 
+def test_lora_sampling_merges_transformer_adapters_and_restores_them(folders):
+    teacher = load(folders, "flux")
+    student = LoRAStudent(teacher.unet, rank=4, alpha=2)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in student.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    state = {k: v.clone() for k, v in student.unet.state_dict().items()}
+    sampler, prompts, seeds = TDDSampler(num_ddim_timesteps=50), ["a red circle"], [4]
+    ours = generate(student.unet, teacher, sampler, prompts, seeds, 4, guidance_scale=3.5)
+    with student.sampling() as unet:
+        merged = generate(unet, teacher, sampler, prompts, seeds, 4, guidance_scale=3.5)
+    assert torch.allclose(merged.images, ours.images, atol=1e-5)
+    assert all(torch.equal(student.unet.state_dict()[k], v) for k, v in state.items())
+
+
 @pytest.mark.parametrize("name, pipeline_cls, scale", [
     pytest.param("sd3", StableDiffusion3Pipeline, 1.0, marks=pytest.mark.slow),
     ("flux", FluxPipeline, 3.5)])

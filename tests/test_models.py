@@ -60,6 +60,42 @@ def test_lora_student_shares_the_teacher_unet(tiny_teacher):
     assert {"to_q", "conv1", "time_emb_proj", "proj_in"} <= modules
 
 
+def test_lora_sampling_merges_adapters_and_restores_the_weights_exactly(tiny_teacher):
+    x, t, cond = inputs(tiny_teacher)
+    reference = tiny_teacher.unet(x, t, **cond.unet_kwargs()).sample.detach()
+    student = LoRAStudent(tiny_teacher.unet, rank=4, alpha=4)
+    perturb_lora(student.unet)
+    unmerged = student.online(x, t, cond).detach()
+    state = {k: v.clone() for k, v in student.unet.state_dict().items()}
+    calls = []
+    with student.sampling() as unet:
+        for name, module in unet.named_modules():  # the forward no longer runs the adapters
+            if name.endswith("lora_A.default"):
+                module.register_forward_hook(lambda *a: calls.append(1))
+        with torch.no_grad():
+            merged = unet(x, t, **cond.unet_kwargs()).sample
+        changed = [k for k, v in unet.state_dict().items()
+                   if "lora_" not in k and not torch.equal(v, state[k])]
+    assert not calls and changed  # base weights carry the update while sampling
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+    assert (merged - reference).abs().max() > 1e-3
+    after = student.unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())  # bit for bit
+    assert torch.equal(student.online(x, t, cond), unmerged)
+    with pytest.raises(RuntimeError, match="inside"), student.sampling():
+        raise RuntimeError("inside")
+    assert all(torch.equal(student.unet.state_dict()[k], v) for k, v in state.items())
+
+
+def test_lora_sampling_leaves_half_precision_base_weights_unmerged():
+    teacher = build_tiny(dtype="bfloat16")
+    student = LoRAStudent(teacher.unet, rank=4, alpha=4)
+    perturb_lora(student.unet)
+    state = {k: v.clone() for k, v in student.unet.state_dict().items()}
+    with student.sampling() as unet:
+        assert all(torch.equal(unet.state_dict()[k], v) for k, v in state.items())
+
+
 def test_lora_student_refuses_guidance_embedding(tiny_teacher):
     with pytest.raises(ValueError, match="student=full"):
         LoRAStudent(tiny_teacher.unet, guidance_embedding_dim=256)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from tdd.export import export_lora
@@ -97,6 +98,12 @@ class Student(nn.Module):
         return self.unet
 
     @contextmanager
+    def sampling(self):
+        """Yields :attr:`sampling_unet` prepared for inference-only use (a LoRA student merges
+        its adapters for the duration); every weight is as before when the block exits."""
+        yield self.sampling_unet
+
+    @contextmanager
     def as_teacher(self):
         """Yields the teacher's UNet for sampling reference images."""
         raise NotImplementedError
@@ -157,6 +164,27 @@ class LoRAStudent(Student):
     def as_teacher(self):
         with self.adapters_disabled():
             yield self.unet
+
+    @contextmanager
+    def sampling(self):
+        """The UNet with its adapters merged into the fp32 base weights (one matmul per layer
+        instead of three: the student samples at the teacher's cost); the base weights are
+        restored bit for bit on exit, so evaluating never changes training. Layers whose base
+        weights are not fp32 (a half-precision teacher) stay unmerged: rounding the update into
+        bf16/fp16 would change the student."""
+        layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)
+                  and not m.merged and m.get_base_layer().weight.dtype == torch.float32]
+        saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+        try:
+            for layer in layers:
+                layer.merge()
+            yield self.unet
+        finally:
+            with torch.no_grad():
+                for layer, weight in zip(layers, saved):
+                    if layer.merged:
+                        layer.unmerge()
+                    layer.get_base_layer().weight.copy_(weight)
 
     def export(self, directory, fmt: str = "diffusers"):
         return export_lora(self, directory, fmt)
