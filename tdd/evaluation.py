@@ -22,7 +22,8 @@ from tdd.distributed import RankZeroSection
 from tdd.metrics.eval_sets import image_batches, load_evaluation_set
 from tdd.metrics.reference_stats import reference_statistics
 from tdd.metrics.timing import SamplingCost, Stopwatch
-from tdd.sampling import DDIMSampler, Sampler, generate
+from tdd.sampling import DDIMSampler, Sampler, SampleResult, generate
+from tdd.teacher_cache import CachedRow, TeacherSampleCache, weights_identity
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,11 @@ class Evaluation(L.Callback):
     memory as holding them), results stay identical whatever the number of ranks, and the wait
     holds no GPU collective open, so no NCCL timeout can fire however long scoring takes.
 
+    ``teacher_cache_dir`` keeps the teacher rows' images between runs
+    (:class:`tdd.teacher_cache.TeacherSampleCache`): a later run with the same teacher, prompts,
+    seeds and settings reads them instead of sampling again (the row's ``cached`` is then True
+    and its ``sec_per_image`` is the first run's). None samples them every time.
+
     Sampling runs at the trainer's precision (``trainer.precision=bf16-mixed``: under bf16
     autocast, as its training steps run); the decoded images and every score are fp32.
 
@@ -97,6 +103,7 @@ class Evaluation(L.Callback):
         dataset: str | None = None,
         cache_dir: str | None = "~/.cache/tdd/fid",
         bootstrap_draws: int = 0,
+        teacher_cache_dir: str | None = None,
     ):
         self.sampler, self.metrics = sampler, metrics
         self.steps = _counts(steps, "evaluation.steps", high=sampler.num_ddim_timesteps,
@@ -124,6 +131,9 @@ class Evaluation(L.Callback):
         self.dataset = None if dataset is None else load_evaluation_set(
             dataset, self.num_images, self.seed)
         self.cache_dir = cache_dir
+        self.teacher_cache = None if teacher_cache_dir is None else TeacherSampleCache(
+            teacher_cache_dir)
+        self._teacher_id: str | None = None
         self.results: dict = {}
         self.reference: dict = {}
         self._prompts: list[str] | None = None
@@ -170,6 +180,7 @@ class Evaluation(L.Callback):
         self._prepare(trainer.datamodule, module)
         # sampling at the training precision (bf16-mixed: under autocast); scoring in fp32
         self._precision = trainer.strategy.precision_plugin.forward_context
+        self._precision_name = str(trainer.precision)
         output = Path(trainer.default_root_dir) / "samples" / f"step{trainer.global_step}"
         rows, self._per_image = {}, {}
         with module.student.as_teacher() as teacher_unet:
@@ -244,11 +255,39 @@ class Evaluation(L.Callback):
             scale = module.guidance.teacher_scale
         return [Setting(k, scale, teacher=True) for k in self.teacher_steps]
 
-    def _score(self, unet, sampler, setting: Setting, module, output: Path) -> dict:
+    def _sample(self, unet, sampler, setting: Setting, module) -> tuple[SampleResult, float, bool]:
+        """The setting's images, the seconds their sampling took and whether they came from
+        the teacher cache (teacher rows only)."""
+        key = None
+        if setting.teacher and self.teacher_cache is not None:
+            key = self._teacher_key(unet, sampler, setting, module)
+            if (row := self.teacher_cache.load(key)) is not None:
+                return SampleResult(row.images, row.nfe), row.seconds, True
         with Stopwatch(module.device) as watch, self._precision():
             result = generate(unet, module.teacher, sampler, self._prompts, self._seeds,
                               setting.steps, setting.guidance_scale, self.batch_size,
                               progress=True, uncond=module.guidance.uncond)
+        if key is not None:
+            self.teacher_cache.save(key, CachedRow(result.images, result.nfe, watch.seconds))
+        return result, watch.seconds, False
+
+    def _teacher_key(self, unet, sampler, setting: Setting, module) -> str:
+        teacher = module.teacher
+        if self._teacher_id is None:  # the teacher is frozen: hashed once per run
+            networks = {"denoiser": unet, "vae": teacher.vae}
+            if isinstance(teacher.text, torch.nn.Module):
+                networks["text"] = teacher.text
+            self._teacher_id = weights_identity(networks)
+        return self.teacher_cache.key(
+            self._teacher_id, self._prompts, self._seeds, steps=setting.steps,
+            guidance_scale=setting.guidance_scale, uncond=module.guidance.uncond,
+            batch_size=self.batch_size, sampler=repr(sampler),
+            tokenizers=repr(getattr(teacher.text, "tokenizers", None)),
+            scheduler=teacher.scheduler_config, resolution=teacher.resolution,
+            precision=self._precision_name, device=module.device.type)
+
+    def _score(self, unet, sampler, setting: Setting, module, output: Path) -> dict:
+        result, seconds, cached = self._sample(unet, sampler, setting, module)
         if setting.teacher and setting.steps == self.teacher_steps[0]:
             self.metrics.set_reference("teacher", result.images.to(module.device))
         references = None
@@ -262,7 +301,9 @@ class Evaluation(L.Callback):
                                 for key, values in self.metrics.per_image().items()})
         if self._fid_note:
             row["fid"] = self._fid_note
-        row.update(SamplingCost(result.nfe, watch.seconds, len(result.images)).as_dict())
+        row.update(SamplingCost(result.nfe, seconds, len(result.images)).as_dict())
+        if setting.teacher:
+            row["cached"] = cached
         output.mkdir(parents=True, exist_ok=True)
         grid = output / f"{setting.name}.png"
         save_image(result.images[: self.grid_images], grid, nrow=4)

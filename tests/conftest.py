@@ -36,12 +36,16 @@ def compose_config(overrides: list[str], output_dir: Path | str) -> DictConfig:
 
 
 def compose_defaults(overrides: list[str], output_dir: Path | str) -> DictConfig:
-    """The config exactly as ``python run.py <overrides>`` composes it."""
+    """The config exactly as ``python run.py <overrides>`` composes it, writing into
+    ``output_dir``; the teacher sample cache starts empty there (unless an override sets it),
+    so no test reads another's (or an earlier session's) teacher rows."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
+        if not any(o.startswith("evaluation.teacher_cache_dir=") for o in overrides):
+            cfg.evaluation.teacher_cache_dir = str(Path(output_dir) / "teacher_cache")
     return cfg
 
 

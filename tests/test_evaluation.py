@@ -152,3 +152,50 @@ def test_sampling_runs_at_the_training_precision(make_cfg, monkeypatch, precisio
     rows = train(cfg)["metrics"]
     assert seen == [autocast, autocast]  # the teacher's row and the student's
     assert all(isinstance(row["fid"], float) and np.isfinite(row["fid"]) for row in rows.values())
+
+
+def test_teacher_rows_are_sampled_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """A second run with the same teacher, prompts and seeds reads the teacher row's images
+    (and scores them identically); another teacher or other prompts sample it again."""
+    import torch
+    from conftest import compose_config
+
+    import tdd.evaluation
+
+    calls = []
+    generate = tdd.evaluation.generate
+
+    def recording(unet, pipeline, sampler, prompts, seeds, num_steps, *args, **kwargs):
+        calls.append(num_steps)
+        return generate(unet, pipeline, sampler, prompts, seeds, num_steps, *args, **kwargs)
+
+    monkeypatch.setattr(tdd.evaluation, "generate", recording)
+    cache = tmp_path / "cache"
+
+    def run(name, *overrides):
+        cfg = compose_config(["trainer=cpu", "trainer.max_steps=1", "data.batch_size=2",
+                              "callbacks=none", "evaluation.steps=[2]",
+                              "evaluation.teacher_steps=[3]", "evaluation.guidance_scales=[1.0]",
+                              "evaluation.num_images=4", "export.enabled=false",
+                              f"evaluation.teacher_cache_dir={cache}", *overrides],
+                             tmp_path / name)
+        with open_dict(cfg):
+            cfg.metrics = {"_target_": "helpers_metrics.tiny_suite"}
+        calls.clear()
+        return train(cfg)["metrics"], list(calls)
+
+    first, sampled = run("a")
+    assert sampled == [3, 2] and first["teacher3"]["cached"] is False
+    assert len(list(cache.glob("*.pt"))) == 1
+    second, sampled = run("b")
+    assert sampled == [2] and second["teacher3"]["cached"] is True  # the student only
+    for name in first:  # every score equal; the teacher row also keeps the first timing
+        for key, value in first[name].items():
+            if key not in ("grid", "cached") and (key != "sec_per_image" or name == "teacher3"):
+                assert second[name][key] == value, (name, key)
+    saved = torch.load(next(cache.glob("*.pt")), weights_only=True)["images"]
+    assert saved.dtype == torch.float32 and saved.shape == (4, 3, 32, 32)
+    for name, overrides in [("c", ["model.seed=1"]), ("d", ["evaluation.num_images=6"]),
+                            ("e", ["evaluation.seed=5"]), ("f", ["guidance.uncond=zeros"])]:
+        assert run(name, *overrides)[1] == [3, 2], overrides  # a new key: sampled again
+    assert run("g", "evaluation.teacher_cache_dir=null")[1] == [3, 2]
