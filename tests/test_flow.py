@@ -230,6 +230,43 @@ def test_flow_teachers_load_from_local_diffusers_folders(folders, tmp_path):
 SLOW = pytest.mark.slow  # the same refusals run before loading in tests/test_flow_runs.py
 
 
+def test_collapsed_padding_teacher_equals_the_stock_teacher(folders):
+    """SD3 without T5, its zero tokens computed as one: the same outputs and images."""
+    from tdd.models.flow import run_transformer
+
+    stock = load_teacher(str(folders["sd3_no_t5"]), resolution=32, max_sequence_length=8,
+                         use_t5=False)
+    fast = load_teacher(str(folders["sd3_no_t5"]), resolution=32, max_sequence_length=8,
+                        use_t5=False, collapse_padding=True)
+    prompts = ["a red circle", "two shapes"]
+    long, short = stock.text(prompts), fast.text(prompts)
+    assert short.hidden.shape[1] == long.hidden.shape[1] - 7  # 8 zero tokens -> 1
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100.0, 900.0])
+    with torch.no_grad():
+        expected = run_transformer(stock.unet, x, t, long)
+        assert torch.allclose(run_transformer(fast.unet, x, t, short), expected, atol=1e-5)
+    sampler = TDDSampler(num_ddim_timesteps=50)
+    ours = generate(fast.unet, fast, sampler, prompts, [1, 2], 4, guidance_scale=2.0)
+    theirs = generate(stock.unet, stock, sampler, prompts, [1, 2], 4, guidance_scale=2.0)
+    assert torch.allclose(ours.images, theirs.images, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_collapsed_padding_is_refused_where_the_padding_is_not_zeros(folders, name):
+    with pytest.raises(ValueError, match="model.collapse_padding"):
+        load_teacher(str(folders[name]), resolution=32, max_sequence_length=8,
+                     collapse_padding=True)
+
+
+def test_collapsed_padding_is_refused_on_a_unet_teacher(tmp_path):
+    from tdd.models.teacher import save_pipeline
+
+    path = save_pipeline(build_tiny(), tmp_path / "sd")
+    with pytest.raises(ValueError, match="model.collapse_padding"):
+        load_teacher(str(path), resolution=32, collapse_padding=True)
+
+
 @pytest.mark.parametrize("name, guidance, message", [
     pytest.param("sd3", EmbeddedGuidance(), "guidance_embeds", marks=SLOW),
     pytest.param("schnell", EmbeddedGuidance(), "guidance_embeds", marks=SLOW),

@@ -248,6 +248,7 @@ def test_toy_flow_config_loads_the_shipped_teacher(make_cfg):
         pytest.skip("load_teacher has no flow teachers yet")
     cfg = make_cfg("model=toy_flow")
     assert cfg.model.use_t5 is False and cfg.model.max_sequence_length == flow.T5_LENGTH
+    assert cfg.model.collapse_padding is True
     if not (FLOW_ASSETS / "pipeline").exists():
         pytest.skip("toy flow teacher not built (make toy-assets)")
     teacher = instantiate(cfg.model)

@@ -110,7 +110,7 @@ def check_vae_dir(path: str | Path) -> Path:
 def load_teacher(
     path: str, resolution: int, dual_text_encoder: bool = False, dtype: str = "float32",
     vae_path: str | None = None, vae_slicing: bool = False, vae_tiling: bool = False,
-    max_sequence_length: int | None = None, use_t5: bool = True,
+    max_sequence_length: int | None = None, use_t5: bool = True, collapse_padding: bool = False,
 ) -> Teacher:
     """Load a Stable Diffusion (``dual_text_encoder=False``) or SDXL teacher from ``path``, or
     a flow teacher (:func:`load_flow_teacher`) when its model_index.json names
@@ -127,7 +127,10 @@ def load_teacher(
     root = check_teacher_dir(path)
     if is_flow_pipeline(root):
         return load_flow_teacher(root, resolution, dtype, vae_path, vae_slicing, vae_tiling,
-                                 max_sequence_length, use_t5)
+                                 max_sequence_length, use_t5, collapse_padding)
+    if collapse_padding:
+        raise ValueError(f"model.collapse_padding=true applies to an SD3 teacher without T5; "
+                         f"{path} is a UNet teacher")
     vae_root = check_vae_dir(vae_path) if vae_path else root / "vae"
     torch_dtype = resolve_dtype(dtype)
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype)
@@ -153,7 +156,7 @@ def load_teacher(
 def load_flow_teacher(
     path: str | Path, resolution: int, dtype: str = "float32", vae_path: str | None = None,
     vae_slicing: bool = False, vae_tiling: bool = False,
-    max_sequence_length: int | None = None, use_t5: bool = True,
+    max_sequence_length: int | None = None, use_t5: bool = True, collapse_padding: bool = False,
 ) -> Teacher:
     """A flow teacher (SD3 / SD3.5 or FLUX.1) from a local diffusers pipeline folder.
 
@@ -161,6 +164,11 @@ def load_flow_teacher(
     SD3 and FLUX VAEs are run in float32 by their own trainers). ``max_sequence_length`` is
     the T5 prompt length (None: the pipeline's default, 256 for SD3, 512 for FLUX);
     ``use_t5=False`` runs SD3 without its T5 encoder (zeros in its place).
+
+    ``collapse_padding`` (SD3 without T5 only): the ``max_sequence_length`` identical zero
+    tokens become one, whose attention logit the transformer raises by ``log`` of their count
+    (:mod:`tdd.models.flow_attention`): the same outputs as the stock call, at the cost of a
+    context of the CLIP tokens plus one. What the toy flow teacher was trained on.
     """
     from tdd.models.flow import FlowTextConditioner, load_flow_components
 
@@ -174,6 +182,17 @@ def load_flow_teacher(
         pipe.vae.enable_tiling()
     if max_sequence_length is None:
         max_sequence_length = 512 if pipeline_cls.__name__ == "FluxPipeline" else 256
+    if collapse_padding:
+        if pipeline_cls.__name__ != "StableDiffusion3Pipeline" or pipe.components.get(
+                "text_encoder_3") is not None:
+            raise ValueError(
+                f"model.collapse_padding=true: {path} pads its prompts with T5 tokens, not "
+                "identical zeros; it applies to an SD3 teacher run without T5 "
+                "(model.use_t5=false)")
+        from tdd.models.flow_attention import collapse_padding as collapse
+
+        collapse(pipe.transformer, repeats=max_sequence_length)
+        max_sequence_length = 1  # the one zero token that stands for all of them
     text_parts = {k: v for k, v in pipe.components.items()
                   if k.startswith(("text_encoder", "tokenizer"))}
     text = FlowTextConditioner(pipeline_cls, {**text_parts, "transformer": pipe.transformer,

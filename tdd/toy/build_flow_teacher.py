@@ -32,6 +32,11 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from tdd.data.shapes import training_scene
 from tdd.metrics.toy import load_toy_evaluator
 from tdd.models.ema import ema_update
+from tdd.models.flow_attention import (  # noqa: F401  (re-exported)
+    T5_LENGTH,
+    RepeatedTokenJointAttention,
+    collapse_padding,
+)
 from tdd.models.tokenizer import clip_vocabulary
 from tdd.toy.build_teacher import ema_decay, load_vae
 from tdd.toy.clip import clip_text_model
@@ -45,11 +50,6 @@ from tdd.toy.common import (
     step_generator,
     training_batch,
     update_record,
-)
-from tdd.toy.flow_attention import (  # noqa: F401  (re-exported)
-    T5_LENGTH,
-    RepeatedTokenJointAttention,
-    collapse_padding,
 )
 
 DEFAULT_STEPS = 4000

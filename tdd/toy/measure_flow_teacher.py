@@ -13,8 +13,8 @@ from diffusers import StableDiffusion3Pipeline
 from tdd.data.shapes import eval_scenes, reference_renders
 from tdd.metrics.fid import FIDScorer
 from tdd.metrics.toy import load_toy_evaluator
+from tdd.models.flow_attention import collapse_padding
 from tdd.toy.common import EVALUATOR_STAGE, BuildSettings
-from tdd.toy.flow_attention import collapse_padding
 from tdd.toy.measure_teacher import _scores, by_object_count, sample_grid
 
 STEPS = 28  # StableDiffusion3Pipeline's default: Euler on FlowMatchEulerDiscreteScheduler
