@@ -76,6 +76,11 @@ class Evaluation(L.Callback):
     seeds and settings reads them instead of sampling again (the row's ``cached`` is then True
     and its ``sec_per_image`` is the first run's). None samples them every time.
 
+    The student samples through ``student.sampling()``: a LoRA student with its adapters merged
+    into its fp32 base weights (one matmul per adapted layer instead of three; the images equal
+    the unmerged ones to ~1e-6) and restored bit for bit afterwards, so evaluating during
+    training leaves the training unchanged.
+
     Sampling runs at the trainer's precision (``trainer.precision=bf16-mixed``: under bf16
     autocast, as its training steps run); the decoded images and every score are fp32.
 

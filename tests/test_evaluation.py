@@ -199,3 +199,29 @@ def test_teacher_rows_are_sampled_once_then_read_from_the_cache(tmp_path, monkey
                             ("e", ["evaluation.seed=5"]), ("f", ["guidance.uncond=zeros"])]:
         assert run(name, *overrides)[1] == [3, 2], overrides  # a new key: sampled again
     assert run("g", "evaluation.teacher_cache_dir=null")[1] == [3, 2]
+
+
+def test_evaluating_during_training_leaves_the_training_unchanged(tmp_path):
+    """In-training evaluations sample the LoRA student with merged adapters; its weights are
+    restored bit for bit, so the trained adapters equal those of a run that never evaluated."""
+    import torch
+    from conftest import compose_config
+    from safetensors.torch import load_file
+
+    def exported(name, every):
+        cfg = compose_config(["trainer=cpu", "trainer.max_steps=4", "data.batch_size=2",
+                              "callbacks=none", "student.rank=4", "student.alpha=4",
+                              "evaluation.steps=[2]", "evaluation.teacher_steps=[]",
+                              "evaluation.guidance_scales=[1.0,1.7]",
+                              "evaluation.num_images=4", f"evaluation.every_n_steps={every}"],
+                             tmp_path / name)
+        with open_dict(cfg):
+            cfg.metrics = {"_target_": "helpers_metrics.tiny_suite"}
+        path = Path(train(cfg)["export"])
+        assert (tmp_path / name / "samples" / "step2").is_dir() == (every == 2)
+        return load_file(path)
+
+    plain, evaluated = exported("plain", 0), exported("evaluated", 2)
+    assert plain.keys() == evaluated.keys() and plain
+    assert all(torch.equal(plain[k], evaluated[k]) for k in plain)
+    assert any(v.abs().max() > 0 for k, v in plain.items() if "lora_B" in k or "up" in k)
