@@ -3,7 +3,9 @@
 ``ckpt_path`` is ``last`` (``<paths.output_dir>/checkpoints/last.ckpt``), a run directory (its
 ``checkpoints/last.ckpt``) or a checkpoint file. A run directory, or a file in its
 ``checkpoints/``, is resumed *into*: checkpoints, logs, samples, export and results.json go to
-that directory. Hydra's own run directory follows (``${resume_dir:...}`` in conf/hydra), and the
+that directory. A checkpoint that already reached ``trainer.max_steps`` trains nothing: it is
+scored (evaluated and exported again, e.g. with other evaluation settings) into this
+invocation's own output directory, and the run it came from keeps its results. Hydra's own run directory follows (``${resume_dir:...}`` in conf/hydra), and the
 resumed segment's config lands in ``<run dir>/.hydra/resume-<time>/`` beside the original one.
 """
 
@@ -27,14 +29,28 @@ class Resume:
     run_dir: Path | None  # None: a checkpoint outside any run directory
 
 
-def run_dir_of(ckpt_path: str | None) -> Path | None:
-    """The run directory that ``ckpt_path`` names (itself, or the parent of its checkpoints/)."""
+def run_dir_of(ckpt_path: str | None, max_steps: int | None = None) -> Path | None:
+    """The run directory that ``ckpt_path`` names (itself, or the parent of its checkpoints/);
+    None when its checkpoint already reached ``max_steps`` (> 0): scoring it writes elsewhere."""
     if ckpt_path in (None, "", "last"):
         return None
     path = Path(ckpt_path)
+    if finished(path / "checkpoints" / LAST if path.is_dir() else path, max_steps):
+        return None
     if path.is_dir():
         return path if (path / "checkpoints").is_dir() else None
     return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def finished(checkpoint: Path, max_steps: int | None) -> bool:
+    """Whether ``checkpoint`` (a Lightning file) is at ``max_steps`` (> 0) or beyond."""
+    if max_steps is None or int(max_steps) <= 0 or not checkpoint.is_file():
+        return False
+    try:
+        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # noqa: BLE001 (an unreadable file is reported by check_readable)
+        return False
+    return int(state.get("global_step", 0)) >= int(max_steps)
 
 
 def find_resume(cfg: DictConfig) -> Resume | None:
@@ -53,6 +69,8 @@ def find_resume(cfg: DictConfig) -> Resume | None:
         hint = ""
     else:
         run_dir, checkpoint, hint = run_dir_of(ckpt_path), Path(ckpt_path), ""
+    if run_dir is not None and finished(checkpoint, cfg.trainer.get("max_steps")):
+        run_dir = None  # scored, not resumed: this invocation's own output directory
     if not checkpoint.is_file():
         newest = newest_intact(checkpoint.parent)
         hint += f"; the newest checkpoint there is {newest}" if newest else ""
@@ -137,9 +155,9 @@ def resume_command(output_dir: str) -> str:
     return " ".join(["python run.py", *kept, f"ckpt_path={shlex.quote(output_dir)}"])
 
 
-def hydra_run_dir(ckpt_path: str | None, default: str) -> str:
+def hydra_run_dir(ckpt_path: str | None, max_steps, default: str) -> str:
     """Resolver for ``hydra.run.dir``: a resumed run's own directory, else ``default``."""
-    run_dir = run_dir_of(ckpt_path)
+    run_dir = run_dir_of(ckpt_path, max_steps)
     return str(run_dir) if run_dir is not None else default
 
 

@@ -309,3 +309,26 @@ def test_hydra_writes_a_resume_into_the_run_directory(tmp_path):
     assert resumed.output_subdir.startswith(".hydra/resume-")
     fresh = _hydra_config([]).hydra
     assert fresh.run.dir.startswith("outputs/distill/") and fresh.output_subdir == ".hydra"
+
+
+def test_scoring_a_finished_checkpoint_writes_a_new_directory_and_keeps_the_run(make_cfg,
+                                                                                tmp_path):
+    """ckpt_path=<a file in a run's checkpoints/> at trainer.max_steps trains nothing: its
+    scores go to this invocation's own directory, and the run's results.json is kept."""
+    run, elsewhere = tmp_path / "run", tmp_path / "scored"
+    first = make_cfg(*COMMON, "trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=2",
+                     "callbacks.checkpoint.save_top_k=-1")
+    first.paths.output_dir = str(run)
+    train(first)
+    kept = (run / "results.json").read_bytes()
+    step2 = run / "checkpoints" / "step000002.ckpt"
+    again = make_cfg(*COMMON, "trainer.max_steps=2", f"ckpt_path={step2}")
+    again.paths.output_dir = str(elsewhere)
+    results = train(again)
+    assert (run / "results.json").read_bytes() == kept
+    assert json.loads((elsewhere / "results.json").read_text())["timings"] == results["timings"]
+    for ckpt_path in (step2, run):  # the file, or the run directory (its last.ckpt)
+        assert _hydra_config([f"ckpt_path={ckpt_path}", "trainer.max_steps=2"]
+                             ).hydra.run.dir.startswith("outputs/distill/")
+        assert _hydra_config([f"ckpt_path={ckpt_path}", "trainer.max_steps=4"]
+                             ).hydra.run.dir == str(run)  # steps left: resumed into the run
