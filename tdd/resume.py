@@ -5,8 +5,9 @@
 ``checkpoints/``, is resumed *into*: checkpoints, logs, samples, export and results.json go to
 that directory. A checkpoint that already reached ``trainer.max_steps`` trains nothing: it is
 scored (evaluated and exported again, e.g. with other evaluation settings) into this
-invocation's own output directory, and the run it came from keeps its results. Hydra's own run directory follows (``${resume_dir:...}`` in conf/hydra), and the
-resumed segment's config lands in ``<run dir>/.hydra/resume-<time>/`` beside the original one.
+invocation's own output directory, and the run it came from keeps its results. Hydra's own
+run directory follows (``${resume_dir:...}`` in conf/hydra), and the resumed segment's config
+lands in ``<run dir>/.hydra/resume-<time>/`` beside the original one.
 """
 
 from __future__ import annotations
