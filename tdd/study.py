@@ -355,6 +355,10 @@ class Study:
             run.done or (arms and run.arm not in arms) or (
                 run.evaluation is not None and (trainings_only or (
                     evaluations and run.evaluation not in evaluations))))]
+        if evaluations:  # of the trainings, only those a chosen evaluation still scores
+            needed = {(r.arm, r.seed) for r in pending if r.evaluation is not None}
+            pending = [r for r in pending if r.evaluation is not None
+                       or (r.arm, r.seed) in needed]
         if max_runs is not None:
             pending = pending[:max(max_runs, 0)]
         threads = None

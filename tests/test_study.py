@@ -117,6 +117,26 @@ def test_arm_and_evaluation_filters_are_checked(tmp_path):
         study.run(evaluations=["fianl"])
 
 
+def test_an_evaluation_filter_trains_only_what_those_evaluations_score(tmp_path, monkeypatch):
+    """--evaluation final: `final` scores b at seed 1 only, so only b/seed1 is trained."""
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN)
+    started = []
+
+    def command(self, run):
+        started.append(f"{run.arm}/seed{run.seed}/{run.name}")
+        return [sys.executable, str(script), str(run.directory), "2,4", "0"]
+
+    monkeypatch.setattr(Study, "command", command)
+    study = Study(write_study(tmp_path / "s", STUDY), tmp_path / "runs")
+    assert study.run(evaluations=["final"], log=lambda m: None) == 0
+    assert started == ["b/seed1/train", "b/seed1/final_step000004"]
+    started.clear()
+    assert study.run(evaluations=["curve"], arms=["a"], log=lambda m: None) == 0
+    assert started == ["a/seed0/train", "a/seed0/curve_step000002", "a/seed0/curve_step000004",
+                       "a/seed1/train", "a/seed1/curve_step000002", "a/seed1/curve_step000004"]
+
+
 def test_no_study_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no study.yaml"):
         Study(tmp_path)
