@@ -150,7 +150,8 @@ def test_resume_continues_the_same_run(make_cfg, tmp_path, data):
 
 def test_multirun_sweeps_every_strategy(tmp_path):
     command = [sys.executable, "run.py", "-m", "strategy=tdd,lcm,tcd,pcm", "debug=fdr", *TINY,
-               "data.batch_size=2", f"hydra.sweep.dir={tmp_path}"]
+               "data.batch_size=2", f"hydra.sweep.dir={tmp_path}",
+               f"evaluation.cache_dir={tmp_path / 'cache' / 'fid'}"]  # a path: not in the names
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
