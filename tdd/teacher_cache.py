@@ -25,6 +25,8 @@ import diffusers
 import torch
 from torch import nn
 
+from tdd.metrics.reference_stats import digest_tensors
+
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -39,13 +41,9 @@ def weights_identity(networks: dict[str, nn.Module]) -> str:
     digest = hashlib.sha1()
     for label, network in sorted(networks.items()):
         digest.update(f"{label}:{type(network).__qualname__}".encode())
-        for name, tensor in sorted(network.state_dict().items()):
-            if "lora_" in name:
-                continue
-            data = tensor.detach().cpu().contiguous().reshape(-1)
-            name = name.replace(".base_layer", "")
-            digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(data.view(torch.uint8).numpy().tobytes())
+        digest_tensors(digest, ((name.replace(".base_layer", ""), tensor)
+                                for name, tensor in network.state_dict().items()
+                                if "lora_" not in name))
     return digest.hexdigest()
 
 

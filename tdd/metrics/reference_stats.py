@@ -74,11 +74,16 @@ def extractor_identity(module: nn.Module) -> str:
                     if not k.startswith("_") and k != "training"
                     and isinstance(v, (bool, int, float, str, tuple))}
         digest.update(repr(settings).encode())
-    for name, tensor in sorted(module.state_dict().items()):
+    digest_tensors(digest, module.state_dict().items())
+    return digest.hexdigest()
+
+
+def digest_tensors(digest, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+    """Feed each tensor's name, dtype, shape and bytes to ``digest``, in name order."""
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
         data = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def cache_key(paths: Sequence[Path], resolution: int, extractor: str) -> str:
